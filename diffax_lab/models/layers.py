@@ -1,0 +1,185 @@
+"""U-Net building blocks (Flax Linen, NHWC): the pieces diffusion courses teach, each selectable.
+
+- ``sinusoidal_embedding``: the Transformer/DDPM time embedding.
+- ``Downsample``: strided conv, average or max pooling, or rearrange pooling (space-to-depth,
+  then a convolution).
+- ``Upsample``: nearest or bilinear resize followed by a convolution, or a transposed
+  convolution with PyTorch's (kernel, stride, padding, output_padding) semantics.
+- ``ResBlock``: GroupNorm -> activation -> conv, plus an embedding projection, twice.
+- ``AttentionBlock``: multi-head self-attention over pixels via ``jax.nn.dot_product_attention``.
+
+Parameters are float32; ``dtype`` is the compute dtype (bfloat16 for speed). GroupNorm
+statistics are always computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
+DOWNSAMPLES = ("conv", "avgpool", "maxpool", "rearrange")
+UPSAMPLES = ("nearest", "bilinear", "transpose")
+
+
+def sinusoidal_embedding(t, dim: int, max_period: float = 10000.0):
+    """[B] -> [B, dim]: sin and cos of t at geometrically spaced frequencies (DDPM's)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def space_to_depth(x, factor: int = 2):
+    """[B, H, W, C] -> [B, H/f, W/f, C f^2]: einops 'b (h p1) (w p2) c -> b h w (c p1 p2)'."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // factor, factor, w // factor, factor, c)
+    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // factor, w // factor, c * factor * factor)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm whose statistics are taken in float32, then cast to the compute dtype."""
+
+    num_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.GroupNorm(num_groups=self.num_groups, dtype=jnp.float32, name="norm")(
+            x.astype(jnp.float32)
+        )
+        return y.astype(self.dtype)
+
+
+class Downsample(nn.Module):
+    features: int
+    kind: str = "conv"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.kind == "conv":
+            return nn.Conv(
+                self.features,
+                (3, 3),
+                strides=(2, 2),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                name="conv",
+            )(x)
+        if self.kind == "avgpool":
+            x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        elif self.kind == "maxpool":
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        elif self.kind == "rearrange":
+            # Rearrange pooling: nothing is thrown away; the conv learns the reduction.
+            return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(space_to_depth(x))
+        else:
+            raise ValueError(f"model.downsample must be one of {DOWNSAMPLES}, got {self.kind!r}.")
+        if x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="proj")(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Doubles H and W.
+
+    ``transpose`` follows torch.nn.ConvTranspose2d: out = (in - 1) s - 2 p + k + output_padding,
+    implemented as lax.conv_transpose with padding (k - 1 - p, k - 1 - p + output_padding).
+    The defaults (k = 3, s = 2, p = 1, output_padding = 1) are the course's.
+    """
+
+    features: int
+    kind: str = "nearest"
+    kernel_size: int = 3
+    stride: int = 2
+    padding: int = 1
+    output_padding: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        if self.kind == "transpose":
+            k, p, op = self.kernel_size, self.padding, self.output_padding
+            lo, hi = k - 1 - p, k - 1 - p + op
+            y = nn.ConvTranspose(
+                self.features,
+                (k, k),
+                strides=(self.stride, self.stride),
+                padding=((lo, hi), (lo, hi)),
+                dtype=self.dtype,
+                name="conv",
+            )(x)
+            expected = (h - 1) * self.stride - 2 * p + k + op
+            if y.shape[1] != expected or y.shape[1] != 2 * h:
+                raise ValueError(
+                    f"model.upsample_transpose (kernel={k}, stride={self.stride}, padding={p}, "
+                    f"output_padding={op}) maps {h} -> {y.shape[1]}, not {2 * h}; choose values "
+                    f"with (in-1)*stride - 2*padding + kernel + output_padding = 2*in."
+                )
+            return y
+        if self.kind not in ("nearest", "bilinear"):
+            raise ValueError(f"model.upsample must be one of {UPSAMPLES}, got {self.kind!r}.")
+        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=self.kind)
+        return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
+
+
+class ResBlock(nn.Module):
+    """DDPM's residual block; ``emb`` ([B, E] or None) is projected and added after conv 1."""
+
+    features: int
+    num_groups: int = 32
+    dropout: float = 0.0
+    activation: str = "silu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, *, train: bool):
+        act = ACTIVATIONS[self.activation]
+        h = act(GroupNorm(self.num_groups, self.dtype, name="norm1")(x))
+        h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
+        if emb is not None:
+            h = (
+                h
+                + nn.Dense(self.features, dtype=self.dtype, name="emb_proj")(act(emb))[
+                    :, None, None
+                ]
+            )
+        h = act(GroupNorm(self.num_groups, self.dtype, name="norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        # Zero-initialised last conv: each block starts as the identity (improved-diffusion).
+        h = nn.Conv(
+            self.features, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2"
+        )(h)
+        if x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions with a residual connection."""
+
+    num_heads: int = 1
+    num_groups: int = 32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(f"model.attention_heads={self.num_heads} must divide {c} channels.")
+        head_dim = c // self.num_heads
+        y = GroupNorm(self.num_groups, self.dtype, name="norm")(x).reshape(b, h * w, c)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y)
+        q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * self.num_heads, head_dim), 3, axis=2)
+        y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+        y = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out")(y)
+        return x + y.reshape(b, h, w, c)

@@ -1,0 +1,27 @@
+"""diffax_lab: diffusion models in JAX/Flax, correct to the equation."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="diffax_lab",
+    version="0.1.0",
+    description="A JAX/Flax research codebase for diffusion models.",
+    packages=find_packages(include=["diffax_lab", "diffax_lab.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml_collections>=1.0,<2",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "pillow>=10,<13",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "ruff>=0.6,<0.20"],
+        "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.16,<3"],
+        "tensorboard": ["tensorboardX>=2.6,<3"],
+    },
+)

@@ -1,0 +1,84 @@
+"""Samplers driven by exact optimal predictors: no training, known answers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffax_lab.diffusion import analytic, samplers, schedules
+
+N = 4000
+
+
+def _run(model_fn, s, shape, seed=0, **kw):
+    fn = jax.jit(lambda k: samplers.sample(model_fn, s, shape, k, **kw))
+    return fn(jax.random.PRNGKey(seed))
+
+
+@pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_ddpm_recovers_gaussian(name, variance):
+    s = schedules.get_schedule(name, 1000)
+    mean, std = jnp.array([1.0, -2.0]), 0.5
+    out = _run(analytic.gaussian_model_fn(s, mean, std), s, (N, 2), variance=variance)
+    x = np.asarray(out.samples)
+    np.testing.assert_allclose(x.mean(0), np.asarray(mean), atol=0.05 * 2.0)
+    np.testing.assert_allclose(x.var(0), std**2, rtol=0.05 * 2)  # 5% on std <=> ~10% on var
+    np.testing.assert_allclose(np.sqrt(x.var(0)), std, rtol=0.05)
+
+
+def test_ddpm_recovers_mixture_weights():
+    s = schedules.get_schedule("linear", 1000)
+    means = jnp.array([[-2.0, 0.0], [2.0, 1.0]])
+    stds, weights = jnp.array([0.3, 0.5]), jnp.array([0.3, 0.7])
+    out = _run(analytic.gaussian_mixture_model_fn(s, means, stds, weights), s, (N, 2))
+    x = np.asarray(out.samples)
+    comp = np.argmin(((x[:, None] - np.asarray(means)[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(comp == 1) == pytest.approx(0.7, abs=0.03)
+    for k in range(2):
+        xs = x[comp == k]
+        np.testing.assert_allclose(xs.mean(0), np.asarray(means[k]), atol=0.05)
+        np.testing.assert_allclose(xs.std(0), float(stds[k]), rtol=0.05)
+
+
+def test_trajectory_and_clipping():
+    s = schedules.get_schedule("linear", 100)
+    model_fn = analytic.gaussian_model_fn(s, jnp.zeros(3), 2.0)
+    out = _run(model_fn, s, (16, 3), num_trajectory=5, clip_x0=1.0, variance="beta")
+    assert out.trajectory.shape == (5, 16, 3)
+    assert out.trajectory_times[0] == pytest.approx(1.0) and np.all(
+        np.diff(out.trajectory_times) < 0
+    )
+    # The first frame is x_T ~ N(0, 1); with x0 clipped to [-1, 1] the last update is the
+    # clipped x0 itself (no noise at t = 1).
+    assert np.all(np.abs(np.asarray(out.samples)) <= 1.0 + 1e-5)
+    assert np.std(np.asarray(out.trajectory[0])) == pytest.approx(1.0, abs=0.35)
+
+
+def test_ddim_eta0_deterministic_and_respaced():
+    s = schedules.get_schedule("cosine", 1000)
+    model_fn = analytic.gaussian_model_fn(s, jnp.array([0.5]), 0.3)
+    x_T = jax.random.normal(jax.random.PRNGKey(3), (N, 1))
+    a = _run(model_fn, s, (N, 1), seed=1, sampler="ddim", num_steps=50, eta=0.0, x_T=x_T).samples
+    b = _run(model_fn, s, (N, 1), seed=2, sampler="ddim", num_steps=50, eta=0.0, x_T=x_T).samples
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.mean(a)) == pytest.approx(0.5, abs=0.02)
+    assert float(jnp.std(a)) == pytest.approx(0.3, rel=0.05)
+
+
+def test_ddim_eta1_has_ddpm_posterior_variance():
+    """With eta = 1 over all T steps, DDIM's per-step noise variance is beta_tilde_t."""
+    s = schedules.get_schedule("linear", 1000)
+    ab, ab_prev = s.alphas_cumprod, s.alphas_cumprod_prev
+    x_t = jnp.zeros((20_000, 1))
+    for i in [1, 500, 999]:
+        key = jax.random.PRNGKey(i)
+        abt, abp = jnp.full((20_000,), ab[i]), jnp.full((20_000,), ab_prev[i])
+        out = samplers.ddim_step(x_t, x_t, x_t, abt, abp, key, eta=1.0)
+        assert float(jnp.var(out)) == pytest.approx(float(s.posterior_variance[i]), rel=0.03)
+
+
+def test_unknown_sampler_named():
+    s = schedules.get_schedule("linear", 10)
+    with pytest.raises(ValueError, match="sample.sampler"):
+        samplers.sample(lambda x, t: x, s, (1, 1), jax.random.PRNGKey(0), sampler="magic")
