@@ -84,10 +84,12 @@ def get_loss_fn(
         loss = jnp.mean(weights[step] * mse)
         aux = {"mse": jnp.mean(mse)}
         # Unweighted MSE per quarter of the time range: where the model is still poor.
+        # NaN when the batch drew no step in that quarter (average these with nanmean).
         quarter = jnp.minimum(4 * step // T, 3)
         for q in range(4):
             in_q = quarter == q
-            aux[f"mse_q{q}"] = jnp.sum(jnp.where(in_q, mse, 0.0)) / jnp.maximum(jnp.sum(in_q), 1)
+            total = jnp.sum(jnp.where(in_q, mse, 0.0))
+            aux[f"mse_q{q}"] = jnp.where(jnp.any(in_q), total / jnp.sum(in_q), jnp.nan)
         return loss, aux
 
     return loss_fn

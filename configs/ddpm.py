@@ -1,0 +1,140 @@
+"""DDPM on Fashion-MNIST (padded to 32x32): linear schedule, T = 1000, eps prediction.
+
+Command:
+    python -m diffax_lab.main --config=configs/ddpm.py --workdir=workdirs/ddpm
+Variants (``--config=configs/ddpm.py:VARIANT``):
+    tiny  -- a 0.1M-parameter U-Net, T = 100, 4 steps: the tests' and quick checks' config
+             (well under a minute on a 2-core CPU).
+    cpu   -- the smallest setting that draws recognisable garments on a 2-core CPU
+             (see README: steps, wall time and the grid are recorded there).
+The default trains a 6.3M-parameter U-Net for 20k steps at batch 128. No GPU run has been
+recorded yet (docs/BENCHMARKS.md lists what was measured and where). Expected samples:
+recognisable garments (shirts, trousers, sneakers, bags) on a black background.
+Data: `apt-get install dataset-fashion-mnist`, or set data.dir / $DIFFAX_DATA_DIR.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    config = ConfigDict()
+    config.seed = 0  # base PRNG seed; every step derives its key by fold_in(key, step)
+
+    config.data = ConfigDict()
+    config.data.source = "idx"  # idx | tfds | folder
+    config.data.name = "fashion_mnist"  # dataset name (tfds name for source=tfds)
+    config.data.dir = ""  # '' = $DIFFAX_DATA_DIR, else the Debian package's directory
+    config.data.image_size = 32  # pixels; 28x28 inputs are zero-padded to 32x32
+    config.data.channels = 1
+    config.data.random_flip = False  # left-right flips (garments are not symmetric: off)
+    config.data.num_examples = 0  # use the first N training images (0 = all)
+    config.data.placement = "device"  # device: dataset on device once; host: gather per step
+
+    config.model = ConfigDict()
+    config.model.base_channels = 64
+    config.model.channel_mult = (1, 2, 2)  # per level; 32 -> 16 -> 8
+    config.model.num_res_blocks = 2
+    config.model.attention_resolutions = (8,)  # feature-map sizes with self-attention
+    config.model.attention_heads = 4
+    config.model.dropout = 0.1
+    config.model.num_groups = 32  # GroupNorm groups
+    config.model.activation = "silu"  # silu | gelu | relu
+    config.model.time_embedding = "sinusoidal"  # sinusoidal | channel
+    config.model.downsample = "conv"  # conv | avgpool | maxpool | rearrange
+    config.model.upsample = "nearest"  # nearest | bilinear | transpose
+    config.model.upsample_kernel = 3  # transpose only: PyTorch ConvTranspose2d semantics
+    config.model.upsample_padding = 1
+    config.model.upsample_output_padding = 1
+    config.model.num_classes = 0  # > 0: class-conditional (labels from the data)
+    config.model.cond_dim = 0  # > 0: vector-conditional
+    config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+    config.diffusion = ConfigDict()
+    config.diffusion.schedule = "linear"  # linear | cosine | sigmoid
+    config.diffusion.num_timesteps = 1000  # T
+    config.diffusion.prediction = "eps"  # eps | x0 | v
+    config.diffusion.loss_weighting = "uniform"  # uniform (L_simple) | min_snr | elbo
+    config.diffusion.min_snr_gamma = 5.0
+
+    config.optim = ConfigDict()
+    config.optim.optimizer = "adamw"  # adamw | adam
+    config.optim.lr = 2e-4  # peak learning rate
+    config.optim.warmup_steps = 500  # linear warm-up from 0
+    config.optim.lr_schedule = "constant"  # constant | cosine (decays to 0 at num_steps)
+    config.optim.weight_decay = 0.0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.grad_clip = 1.0  # global-norm clip; 0 = off
+    config.optim.ema_decay = 0.999  # EMA of the parameters, used for samples
+
+    config.train = ConfigDict()
+    config.train.batch_size = 128  # global batch, over all devices
+    config.train.num_steps = 20_000  # total; re-running resumes and continues to this
+    config.train.num_devices = 0  # 0 = all visible devices
+    config.train.p_uncond = 0.0  # probability of dropping the label (classifier-free guidance)
+    config.train.log_every = 100  # steps between metrics.jsonl lines
+    config.train.checkpoint_every = 2000
+    config.train.sample_every = 5000  # 0 = never during training
+    config.train.keep_checkpoints = 3
+    config.train.tensorboard = False  # also write TensorBoard events (needs tensorboardX)
+    config.train.progress_bar = True
+
+    config.sample = ConfigDict()
+    config.sample.num = 64  # images in the grid and the .npz
+    config.sample.batch_size = 64
+    config.sample.seed = 0
+    config.sample.sampler = "ddpm"  # ddpm | ddim
+    config.sample.num_steps = 0  # 0 = all T steps
+    config.sample.spacing = "uniform"  # uniform | quadratic
+    config.sample.variance = "beta"  # ddpm only: beta | beta_tilde
+    config.sample.eta = 0.0  # ddim only
+    config.sample.clip_x0 = 1.0  # clip predicted x0 to [-c, c]; 0 = off
+    config.sample.num_strip = 8  # frames in the forward and reverse strips
+
+    config.eval = ConfigDict()
+    config.eval.num_examples = 2048  # test images for the held-out loss
+    config.eval.batch_size = 256
+
+    if arg in (None, ""):
+        return config
+    if arg == "tiny":
+        config.data.num_examples = 512
+        config.model.base_channels = 16
+        config.model.channel_mult = (1, 2)
+        config.model.num_res_blocks = 1
+        config.model.attention_resolutions = (16,)
+        config.model.attention_heads = 1
+        config.model.num_groups = 8
+        config.diffusion.num_timesteps = 100
+        config.optim.warmup_steps = 2
+        config.train.batch_size = 16
+        config.train.num_steps = 4
+        config.train.log_every = 2
+        config.train.checkpoint_every = 2
+        config.train.sample_every = 4
+        config.train.progress_bar = False
+        config.sample.num = 4
+        config.sample.batch_size = 4
+        config.sample.num_strip = 4
+        config.eval.num_examples = 64
+        config.eval.batch_size = 32
+        return config
+    if arg == "cpu":
+        config.model.base_channels = 32
+        config.model.channel_mult = (1, 2, 2)
+        config.model.num_res_blocks = 1
+        config.model.attention_resolutions = (8,)
+        config.model.num_groups = 8
+        config.model.dropout = 0.0
+        config.optim.lr = 1e-3
+        config.optim.warmup_steps = 200
+        config.optim.ema_decay = 0.995
+        config.train.batch_size = 64
+        config.train.num_steps = 3000
+        config.train.log_every = 100
+        config.train.checkpoint_every = 1000
+        config.train.sample_every = 0
+        config.sample.num = 64
+        return config
+    raise ValueError(f"Unknown variant {arg!r} of configs/ddpm.py; choose '', 'tiny' or 'cpu'.")

@@ -1,0 +1,83 @@
+"""Data sources -> uint8 arrays [N, H, W, C] and int32 labels [N], sized for the model.
+
+Sources (``data.source``): ``idx`` (MNIST-format files; Fashion-MNIST from the Debian
+package by default), ``tfds`` (tensorflow-datasets, the `tfds` extra) and ``folder``.
+Scaling to [-1, 1], flips and batching happen on the device (``pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from diffax_lab.data.folder import load_image_folder
+from diffax_lab.data.idx import DataError, load_idx_split
+from diffax_lab.data.tfds_source import load_tfds_split
+
+SOURCES = ("idx", "tfds", "folder")
+DEFAULT_IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+DATA_DIR_ENV = "DIFFAX_DATA_DIR"
+
+__all__ = ["DataError", "SOURCES", "fit_to_size", "load_split", "resolve_data_dir"]
+
+
+def resolve_data_dir(data_config) -> str:
+    """data.dir if set, else $DIFFAX_DATA_DIR, else the dataset's default (for idx)."""
+    if data_config.dir:
+        return data_config.dir
+    if os.environ.get(DATA_DIR_ENV):
+        return os.environ[DATA_DIR_ENV]
+    if data_config.source == "idx":
+        if data_config.name not in DEFAULT_IDX_DIRS:
+            raise DataError(
+                f"data.source='idx' has no default directory for data.name={data_config.name!r}; "
+                f"set data.dir or ${DATA_DIR_ENV}."
+            )
+        return DEFAULT_IDX_DIRS[data_config.name]
+    if data_config.source == "folder":
+        raise DataError("data.source='folder' needs data.dir (or $DIFFAX_DATA_DIR).")
+    return ""
+
+
+def fit_to_size(images: np.ndarray, size: int) -> np.ndarray:
+    """Pads smaller images with zeros (black) to size x size; resizes larger ones.
+
+    Fashion-MNIST's 28x28 becomes 32x32 with a 2-pixel border, so every U-Net level divides.
+    """
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    if h <= size and w <= size:
+        top, left = (size - h) // 2, (size - w) // 2
+        return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
+    out = np.empty((n, size, size, c), np.uint8)
+    for i in range(n):
+        img = Image.fromarray(images[i, ..., 0] if c == 1 else images[i])
+        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC)).reshape(
+            size, size, c
+        )
+    return out
+
+
+def load_split(data_config, split: str):
+    """Loads ``split`` (train or test) as uint8 [N, S, S, C] and int32 [N]."""
+    source = data_config.source
+    if source not in SOURCES:
+        raise DataError(f"data.source must be one of {SOURCES}, got {source!r}.")
+    directory = resolve_data_dir(data_config)
+    if source == "idx":
+        images, labels = load_idx_split(directory, split)
+    elif source == "tfds":
+        images, labels = load_tfds_split(data_config.name, split, directory)
+    else:
+        images, labels = load_image_folder(directory, data_config.image_size, data_config.channels)
+    if images.shape[-1] != data_config.channels:
+        raise DataError(
+            f"data.channels={data_config.channels} but {source} data {data_config.name!r} "
+            f"has {images.shape[-1]} channels."
+        )
+    if data_config.num_examples:
+        images, labels = images[: data_config.num_examples], labels[: data_config.num_examples]
+    return fit_to_size(images, data_config.image_size), labels

@@ -1,0 +1,228 @@
+"""Builds everything a run needs from a config: model, schedule, loss, optimizer, state, step.
+
+The train state is one pytree ``{params, ema_params, opt_state, step, rng}``. Its abstract
+form (``jax.eval_shape``) gives the shardings, the ``out_shardings`` of the jitted init and
+the restore target of a checkpoint, so all three always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffax_lab import sharding
+from diffax_lab.data import pipeline
+from diffax_lab.diffusion import get_loss_fn, get_schedule, samplers
+from diffax_lab.models import get_model
+
+
+def make_lr_schedule(optim_config, num_steps: int):
+    c = optim_config
+    warmup = optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1))
+    if c.lr_schedule == "cosine":
+        after = optax.cosine_decay_schedule(c.lr, max(num_steps - c.warmup_steps, 1))
+    else:
+        after = optax.constant_schedule(c.lr)
+    return optax.join_schedules([warmup, after], [c.warmup_steps])
+
+
+def make_optimizer(optim_config, num_steps: int):
+    c = optim_config
+    lr = make_lr_schedule(c, num_steps)
+    if c.optimizer == "adamw":
+        opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+    else:
+        opt = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
+    parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip > 0 else []
+    return optax.chain(*parts, opt), lr
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: object
+    mesh: jax.sharding.Mesh
+
+    def __post_init__(self):
+        c = self.config
+        self.model = get_model(c.model, out_channels=c.data.channels)
+        self.schedule = get_schedule(c.diffusion.schedule, c.diffusion.num_timesteps)
+        self.loss_fn = get_loss_fn(
+            self.schedule,
+            c.diffusion.prediction,
+            c.diffusion.loss_weighting,
+            c.diffusion.min_snr_gamma,
+        )
+        # The lr schedule's horizon is fixed by the run's first num_steps only for cosine.
+        self.tx, self.lr_fn = make_optimizer(c.optim, c.train.num_steps)
+        self.image_shape = (c.data.image_size, c.data.image_size, c.data.channels)
+        self.repl = sharding.replicated(self.mesh)
+        self.batch_sharding = sharding.batch_sharded(self.mesh)
+        self.abstract_state = jax.eval_shape(self.init_state)
+        self.state_shardings = jax.tree.map(lambda _: self.repl, self.abstract_state)
+
+    # ----- parameters and state -----
+    def _dummy_inputs(self, batch: int = 1):
+        c = self.config.model
+        x = jnp.zeros((batch, *self.image_shape))
+        t = jnp.zeros((batch,))
+        y = jnp.zeros((batch,), jnp.int32) if c.num_classes else None
+        cond = jnp.zeros((batch, c.cond_dim)) if c.cond_dim else None
+        return x, t, y, cond
+
+    def init_state(self):
+        key = jax.random.PRNGKey(self.config.seed)
+        x, t, y, cond = self._dummy_inputs()
+        params = self.model.init(jax.random.fold_in(key, 0), x, t, y=y, cond=cond)["params"]
+        return {
+            "params": params,
+            "ema_params": jax.tree.map(jnp.copy, params),
+            "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.fold_in(key, 1),
+        }
+
+    def create_state(self):
+        return jax.jit(self.init_state, out_shardings=self.state_shardings)()
+
+    def count_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
+
+    # ----- the network as the samplers and losses see it -----
+    def model_fn(self, params, y=None, cond=None, cond_mask=None, *, train=False, rngs=None):
+        def fn(x_t, t):
+            return self.model.apply(
+                {"params": params},
+                x_t,
+                t,
+                y=y,
+                cond=cond,
+                cond_mask=cond_mask,
+                train=train,
+                rngs=rngs,
+            )
+
+        return fn
+
+    # ----- training -----
+    def make_train_step(self, num_examples: int, gather_in_step: bool):
+        """(state, images, labels) -> (state, metrics), jitted with the state donated.
+
+        With ``gather_in_step`` the images are the whole uint8 dataset on the device and the
+        step picks its batch; otherwise they are the batch itself (gathered on the host
+        with the same ``batch_indices``).
+        """
+        c = self.config
+        B = c.train.batch_size
+        decay = c.optim.ema_decay
+        null_label = c.model.num_classes
+
+        def train_step(state, images, labels):
+            step = state["step"]
+            key = jax.random.fold_in(state["rng"], step)
+            data_key, flip_key, drop_key, loss_key, dropout_key = jax.random.split(key, 5)
+            if gather_in_step:
+                idx = pipeline.batch_indices(self.data_key, step, num_examples, B)
+                images, labels = images[idx], labels[idx]
+            x0 = pipeline.to_model_range(images)
+            if c.data.random_flip:
+                x0 = pipeline.random_flip(flip_key, x0)
+            x0 = jax.lax.with_sharding_constraint(x0, self.batch_sharding)
+            y = None
+            if c.model.num_classes:
+                y = labels
+                if c.train.p_uncond > 0:  # classifier-free guidance: drop to the null label
+                    drop = jax.random.bernoulli(drop_key, c.train.p_uncond, y.shape)
+                    y = jnp.where(drop, null_label, y)
+
+            def loss_of(params):
+                fn = self.model_fn(params, y, train=True, rngs={"dropout": dropout_key})
+                return self.loss_fn(fn, x0, loss_key)
+
+            (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            ema = jax.tree.map(
+                lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params
+            )
+            metrics = {
+                "loss": loss,
+                "grad_norm": optax.tree_utils.tree_norm(grads),
+                "lr": self.lr_fn(step),
+                **aux,
+            }
+            new_state = {
+                "params": params,
+                "ema_params": ema,
+                "opt_state": opt_state,
+                "step": step + 1,
+                "rng": state["rng"],
+            }
+            return new_state, metrics
+
+        data_in = self.repl if gather_in_step else self.batch_sharding
+        return jax.jit(
+            train_step,
+            in_shardings=(self.state_shardings, data_in, data_in),
+            out_shardings=(self.state_shardings, self.repl),
+            donate_argnums=(0,),
+        )
+
+    @property
+    def data_key(self):
+        """The key that orders the data: batches depend on (seed, step) only."""
+        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 2)
+
+    # ----- sampling -----
+    @functools.cached_property
+    def _sample_batch(self):
+        s = self.config.sample
+
+        def run(params, key, y, num_trajectory):
+            return samplers.sample(
+                self.model_fn(params, y),
+                self.schedule,
+                (s.batch_size, *self.image_shape),
+                key,
+                sampler=s.sampler,
+                num_steps=s.num_steps or None,
+                spacing=s.spacing,
+                prediction=self.config.diffusion.prediction,
+                clip_x0=s.clip_x0 or None,
+                num_trajectory=num_trajectory,
+                **self.sampler_kwargs(),
+            )
+
+        return jax.jit(run, static_argnames=("num_trajectory",))
+
+    def sampler_kwargs(self):
+        s = self.config.sample
+        return {"ddpm": {"variance": s.variance}, "ddim": {"eta": s.eta}}.get(s.sampler, {})
+
+    def generate(self, params, num: int, key, labels=None, num_trajectory: int = 0):
+        """``num`` images as float [-1, 1] (numpy), in batches of sample.batch_size.
+
+        Returns (images, trajectory, trajectory_times); the trajectory is that of the first
+        batch only.
+        """
+        bs = self.config.sample.batch_size
+        outs, traj, times = [], None, None
+        for b in range(-(-num // bs)):
+            y = None
+            if self.config.model.num_classes:
+                ids = jnp.arange(b * bs, (b + 1) * bs)
+                y = (
+                    ids % self.config.model.num_classes
+                    if labels is None
+                    else jnp.asarray(labels)[jnp.minimum(ids, len(labels) - 1)]
+                ).astype(jnp.int32)
+            out = self._sample_batch(
+                params, jax.random.fold_in(key, b), y, num_trajectory if b == 0 else 0
+            )
+            outs.append(jax.device_get(out.samples))
+            if b == 0 and num_trajectory:
+                traj, times = jax.device_get(out.trajectory), out.trajectory_times
+        return jnp.concatenate(outs)[:num], traj, times

@@ -1,0 +1,50 @@
+"""Image grids and strips as PNG files (Pillow)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one uint8 image [rows*(H+pad)+pad, cols*(W+pad)+pad, C]."""
+    n, h, w, c = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    img.save(path)
+
+
+def save_grid(path: str, images: np.ndarray, ncols: int | None = None, scale: int = 2) -> None:
+    save_png(path, make_grid(images, ncols), scale)
+
+
+def save_labelled_rows(path: str, rows: list[np.ndarray], labels: list[str], scale: int = 2):
+    """One strip per row (each uint8 [N, H, W, C]) with a text label on its left."""
+    grid = make_grid(np.concatenate(rows), ncols=rows[0].shape[0])
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    margin = 8 * max(len(s) for s in labels) + 8
+    canvas = Image.new("RGB", (img.width + margin, img.height), "white")
+    canvas.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = img.height / len(rows)
+    for i, text in enumerate(labels):
+        draw.text((4, int(i * row_h + row_h / 2 - 5)), text, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)

@@ -1,0 +1,228 @@
+"""The training loop: state, step, logging, samples and checkpoint cadence.
+
+``train(config, workdir)`` trains to ``config.train.num_steps`` total, resuming from the
+latest checkpoint in ``workdir`` if there is one. A resumed run is bit-identical to an
+uninterrupted one on the same devices: batches, noise and dropout all come from
+``fold_in(key, step)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from diffax_lab import checkpointing, data, images, sharding
+from diffax_lab import workdir as workdir_lib
+from diffax_lab.data import pipeline
+from diffax_lab.experiment import Experiment
+from diffax_lab.validation import ConfigError, validate_config
+
+
+def every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per log interval), and TensorBoard when asked."""
+
+    def __init__(self, workdir: str, start_step: int, tensorboard: bool):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        # Lines past the checkpoint we resume from belong to a lost future: drop them.
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [
+                    ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step
+                ]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # checked in check_optional_deps
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, float(v), step)
+            self.tb.flush()
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+def check_optional_deps(config) -> None:
+    if config.train.tensorboard:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                "config.train.tensorboard=True needs tensorboardX: `pip install -e .[tensorboard]`."
+            ) from e
+
+
+def load_train_data(config, exp: Experiment):
+    """Loads the train split and checks it against the batch size (before compiling)."""
+    imgs, labels = data.load_split(config.data, "train")
+    n = imgs.shape[0]
+    if config.train.batch_size > n:
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} exceeds the {n} training "
+            "images; lower it or use more data (data.num_examples)."
+        )
+    if config.model.num_classes and labels.max() >= config.model.num_classes:
+        raise ConfigError(
+            f"config.model.num_classes={config.model.num_classes} but the data has label "
+            f"{int(labels.max())}; set it to at least {int(labels.max()) + 1}."
+        )
+    return imgs, labels
+
+
+def prepare(config, workdir: str, mode: str):
+    """Every check that can fail, before any data is placed or anything compiles."""
+    validate_config(config)
+    check_optional_deps(config)
+    workdir = workdir_lib.check_workdir(workdir)
+    mesh = sharding.make_mesh(config.train.num_devices or None)
+    if mode == "train":
+        sharding.check_batch_divides(config.train.batch_size, mesh)
+    if config.model.cond_dim and mode == "train":
+        raise ConfigError(
+            "config.model.cond_dim > 0: training on vector conditions needs a source of "
+            "embeddings, which the training app does not provide yet; set it to 0."
+        )
+    workdir_lib.check_resume_compatible(workdir, config)
+    return workdir, mesh
+
+
+def train(config, workdir: str) -> dict:
+    """Trains; returns the final train state (on the devices)."""
+    workdir, mesh = prepare(config, workdir, "train")
+    exp = Experiment(config, mesh)
+    imgs, labels = load_train_data(config, exp)
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.write_config(workdir, config)
+    logging.info(
+        "U-Net with %.2fM parameters; %d training images; %d device(s).",
+        exp.count_params() / 1e6,
+        imgs.shape[0],
+        mesh.devices.size,
+    )
+
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+    abstract = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        logging.info("Resuming from the checkpoint at step %d in %s.", latest, ckpt.directory)
+        state = ckpt.restore(latest, abstract)
+    else:
+        state = exp.create_state()
+    start = int(jax.device_get(state["step"]))
+    total = config.train.num_steps
+    if start >= total:
+        logging.info("Already at step %d >= train.num_steps=%d: nothing to train.", start, total)
+        ckpt.close()
+        return state
+
+    gather_in_step = config.data.placement == "device"
+    n = imgs.shape[0]
+    if gather_in_step:
+        data_args = (jax.device_put(imgs, exp.repl), jax.device_put(labels, exp.repl))
+    else:
+        host_indices = jax.jit(pipeline.batch_indices, static_argnums=(2, 3))
+    train_step = exp.make_train_step(n, gather_in_step)
+
+    def batch_for(step):
+        if gather_in_step:
+            return data_args
+        idx = np.asarray(host_indices(exp.data_key, step, n, config.train.batch_size))
+        return (
+            jax.device_put(imgs[idx], exp.batch_sharding),
+            jax.device_put(labels[idx], exp.batch_sharding),
+        )
+
+    logging.info("Compiling the train step (batch %d)...", config.train.batch_size)
+    t0 = time.perf_counter()
+    train_step = train_step.lower(state, *batch_for(start)).compile()
+    logging.info("Compiled in %.1f s.", time.perf_counter() - t0)
+
+    writer = MetricsWriter(workdir, start, config.train.tensorboard)
+    sample_key = jax.random.PRNGKey(config.sample.seed)
+    pending: list = []  # per-step metrics still on the device
+    last_time, last_step = None, start
+
+    def flush(step):
+        """Fetches pending metrics once, checks them, writes their mean. Returns nothing."""
+        nonlocal pending, last_time, last_step
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        pending = []
+        losses = np.array([m["loss"] for m in fetched])
+        if not np.all(np.isfinite(losses)):
+            bad = step - len(fetched) + int(np.argmin(np.isfinite(losses))) + 1
+            raise FloatingPointError(
+                f"Non-finite loss at step {bad}; no checkpoint after step {ckpt.latest_step()} "
+                "was written. Lower optim.lr or raise optim.warmup_steps, then re-run to resume."
+            )
+        mean = {k: float(np.nanmean([m[k] for m in fetched])) for k in fetched[0]}
+        now = time.perf_counter()
+        if last_time is not None:
+            mean["images_per_sec"] = (
+                (step - last_step) * config.train.batch_size / (now - last_time)
+            )
+        last_time, last_step = now, step
+        writer.write(step, mean)
+        return mean
+
+    progress = tqdm(
+        range(start, total),
+        initial=start,
+        total=total,
+        desc="train",
+        disable=not config.train.progress_bar or jax.process_index() != 0,
+    )
+    for step in progress:
+        state, metrics = train_step(state, *batch_for(step))
+        pending.append(metrics)
+        done = step + 1
+        if done == start + 1:  # the first step: start the throughput clock after it
+            jax.block_until_ready(metrics)
+            flush(done) if every(done, config.train.log_every) else None
+            last_time, last_step = time.perf_counter(), done
+            continue
+        if every(done, config.train.log_every) or done == total:
+            mean = flush(done)
+            if mean:
+                progress.set_postfix(
+                    loss=f"{mean['loss']:.4f}", img_s=f"{mean.get('images_per_sec', 0):.0f}"
+                )
+        if every(done, config.train.checkpoint_every) or done == total:
+            flush(done)  # never save a state whose losses were not checked
+            ckpt.save(done, state)
+        if every(done, config.train.sample_every) or (done == total and config.train.sample_every):
+            write_samples(exp, state["ema_params"], workdir, done, sample_key)
+            last_time, last_step = time.perf_counter(), done  # sampling is not training time
+    ckpt.close()
+    writer.close()
+    logging.info("Trained to step %d; checkpoints in %s.", total, ckpt.directory)
+    return state
+
+
+def write_samples(exp: Experiment, params, workdir: str, step: int, key) -> str:
+    num = exp.config.sample.num
+    samples, _, _ = exp.generate(params, num, key)
+    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    images.save_grid(path, np.asarray(pipeline.to_uint8(samples)))
+    logging.info("Wrote %d samples (EMA) to %s.", num, path)
+    return path

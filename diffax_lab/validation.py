@@ -1,0 +1,138 @@
+"""Config validation: every value is checked before anything loads or compiles.
+
+Each error names the field, the value, the allowed range and, where it helps, the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+from diffax_lab.data import SOURCES
+from diffax_lab.diffusion.losses import WEIGHTINGS
+from diffax_lab.diffusion.process import PREDICTIONS
+from diffax_lab.diffusion.samplers import SAMPLERS, VARIANCES
+from diffax_lab.diffusion.schedules import SCHEDULES
+from diffax_lab.models import DTYPES
+from diffax_lab.models.layers import ACTIVATIONS, DOWNSAMPLES, UPSAMPLES
+from diffax_lab.models.unet import TIME_EMBEDDINGS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _get(config, field):
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def _number(config, field, *, low=None, high=None, low_open=False, high_open=False, integer=False):
+    value = _get(config, field)
+    kind = "an integer" if integer else "a number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+    ):
+        raise ConfigError(f"config.{field} must be {kind}, got {value!r}.")
+    if not math.isfinite(value):
+        raise ConfigError(f"config.{field} must be finite, got {value!r}.")
+    lo_ok = low is None or (value > low if low_open else value >= low)
+    hi_ok = high is None or (value < high if high_open else value <= high)
+    if not (lo_ok and hi_ok):
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ConfigError(f"config.{field}={value!r} is outside the allowed range {interval}.")
+
+
+def _choice(config, field, choices):
+    value = _get(config, field)
+    if value not in choices:
+        raise ConfigError(f"config.{field}={value!r} must be one of {sorted(choices)}.")
+
+
+def validate_config(config) -> None:
+    """Raises ConfigError naming the first bad field."""
+    _number(config, "seed", low=0, integer=True)
+    _choice(config, "data.source", SOURCES)
+    _number(config, "data.image_size", low=1, integer=True)
+    _choice(config, "data.channels", (1, 3))
+    _number(config, "data.num_examples", low=0, integer=True)
+    _choice(config, "data.placement", ("device", "host"))
+
+    m = "model."
+    for f in ("base_channels", "num_res_blocks", "attention_heads", "num_groups"):
+        _number(config, m + f, low=1, integer=True)
+    mults = tuple(config.model.channel_mult)
+    if not mults or any(not isinstance(x, int) or x < 1 for x in mults):
+        raise ConfigError(f"config.model.channel_mult={mults!r} must be positive integers.")
+    _number(config, "model.dropout", low=0.0, high=1.0, high_open=True)
+    _choice(config, "model.activation", tuple(ACTIVATIONS))
+    _choice(config, "model.time_embedding", TIME_EMBEDDINGS)
+    _choice(config, "model.downsample", DOWNSAMPLES)
+    _choice(config, "model.upsample", UPSAMPLES)
+    _number(config, "model.upsample_kernel", low=1, integer=True)
+    _number(config, "model.upsample_padding", low=0, integer=True)
+    _number(config, "model.upsample_output_padding", low=0, integer=True)
+    _number(config, "model.num_classes", low=0, integer=True)
+    _number(config, "model.cond_dim", low=0, integer=True)
+    _choice(config, "model.dtype", tuple(DTYPES))
+    for ch in (config.model.base_channels * x for x in mults):
+        if ch % config.model.num_groups:
+            raise ConfigError(
+                f"config.model.num_groups={config.model.num_groups} must divide every level's "
+                f"channels (base_channels * channel_mult), and {ch} is not a multiple."
+            )
+    factor = 2 ** (len(mults) - 1)
+    if config.data.image_size % factor:
+        raise ConfigError(
+            f"config.data.image_size={config.data.image_size} must be a multiple of {factor} "
+            f"(2^(len(model.channel_mult) - 1)); e.g. 32 for Fashion-MNIST (zero-padded)."
+        )
+
+    _choice(config, "diffusion.schedule", SCHEDULES)
+    _number(config, "diffusion.num_timesteps", low=1, integer=True)
+    _choice(config, "diffusion.prediction", PREDICTIONS)
+    _choice(config, "diffusion.loss_weighting", WEIGHTINGS)
+    _number(config, "diffusion.min_snr_gamma", low=0.0, low_open=True)
+
+    _choice(config, "optim.optimizer", ("adam", "adamw"))
+    _number(config, "optim.lr", low=0.0, low_open=True)
+    _number(config, "optim.warmup_steps", low=0, integer=True)
+    _choice(config, "optim.lr_schedule", ("constant", "cosine"))
+    _number(config, "optim.weight_decay", low=0.0)
+    _number(config, "optim.b1", low=0.0, high=1.0, high_open=True)
+    _number(config, "optim.b2", low=0.0, high=1.0, high_open=True)
+    _number(config, "optim.eps", low=0.0, low_open=True)
+    _number(config, "optim.grad_clip", low=0.0)
+    _number(config, "optim.ema_decay", low=0.0, high=1.0, high_open=True)
+
+    _number(config, "train.batch_size", low=1, integer=True)
+    _number(config, "train.num_steps", low=0, integer=True)
+    _number(config, "train.num_devices", low=0, integer=True)
+    _number(config, "train.p_uncond", low=0.0, high=1.0, high_open=True)
+    for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _number(config, "train." + f, low=1, integer=True)
+    _number(config, "train.sample_every", low=0, integer=True)
+    if config.train.p_uncond > 0 and not (config.model.num_classes or config.model.cond_dim):
+        raise ConfigError(
+            "config.train.p_uncond > 0 drops the condition, but the model is unconditional; "
+            "set model.num_classes (or model.cond_dim) or p_uncond=0."
+        )
+
+    _number(config, "sample.num", low=1, integer=True)
+    _number(config, "sample.batch_size", low=1, integer=True)
+    _number(config, "sample.seed", low=0, integer=True)
+    _choice(config, "sample.sampler", tuple(SAMPLERS))
+    _number(config, "sample.num_steps", low=0, high=config.diffusion.num_timesteps, integer=True)
+    _choice(config, "sample.spacing", ("uniform", "quadratic"))
+    _choice(config, "sample.variance", VARIANCES)
+    _number(config, "sample.eta", low=0.0)
+    _number(config, "sample.clip_x0", low=0.0)
+    _number(config, "sample.num_strip", low=2, integer=True)
+
+    _number(config, "eval.num_examples", low=1, integer=True)
+    _number(config, "eval.batch_size", low=1, integer=True)

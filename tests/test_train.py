@@ -1,0 +1,168 @@
+"""The training app end to end: outputs, resume equality, sample and eval modes, the CLI."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffax_lab import checkpointing, train
+from diffax_lab.experiment import Experiment
+from diffax_lab.sharding import make_mesh
+from tests.helpers import FASHION_DIR, run_cli, tiny_config, write_fake_idx
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    return write_fake_idx(tmp_path_factory.mktemp("idx"), n_train=64, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fake_data, tmp_path_factory):
+    """Four steps straight through: the reference for every resume test."""
+    workdir = tmp_path_factory.mktemp("straight")
+    state = train.train(tiny_config(fake_data), str(workdir))
+    return jax.device_get(state), workdir
+
+
+def assert_states_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_is_bit_identical(fake_data, uninterrupted, tmp_path):
+    ref, ref_dir = uninterrupted
+    workdir = str(tmp_path / "run")
+    half = train.train(tiny_config(fake_data, **{"train.num_steps": 2}), workdir)
+    assert int(half["step"]) == 2
+    resumed = train.train(tiny_config(fake_data), workdir)  # num_steps=4: continues from 2
+    assert int(resumed["step"]) == 4
+    assert_states_equal(jax.device_get(resumed), ref)
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    ref_lines = [json.loads(x) for x in open(os.path.join(ref_dir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert lines[-1]["loss"] == ref_lines[-1]["loss"]
+    # Nothing left to do: a third run leaves the state as it is.
+    again = train.train(tiny_config(fake_data), workdir)
+    assert_states_equal(jax.device_get(again), ref)
+
+
+def test_host_placement_sees_the_same_batches(fake_data, uninterrupted, tmp_path):
+    """Same batches, different XLA program (no gather inside): equal up to float rounding.
+
+    Adam turns rounding into differences of ~1e-9 here; other batches would move parameters
+    by the size of a whole update (~lr = 1e-4 per step), far outside this tolerance.
+    """
+    ref, _ = uninterrupted
+    state = train.train(tiny_config(fake_data, **{"data.placement": "host"}), str(tmp_path / "h"))
+    for x, y in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
+
+
+def test_ema_and_training_move_parameters(uninterrupted, fake_data):
+    ref, _ = uninterrupted
+    init = jax.device_get(Experiment(tiny_config(fake_data), make_mesh(1)).create_state())
+    moved = [
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(ref["params"]), jax.tree.leaves(init["params"]), strict=True
+        )
+    ]
+    assert max(moved) > 0
+    # EMA lies between the initial and the current parameters (decay 0.999, 4 steps).
+    d_ema = sum(
+        float(np.sum(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(ref["ema_params"]), jax.tree.leaves(init["params"]), strict=True
+        )
+    )
+    d_par = sum(
+        float(np.sum(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(ref["params"]), jax.tree.leaves(init["params"]), strict=True
+        )
+    )
+    assert 0 < d_ema < 0.05 * d_par
+
+
+def _check_outputs(workdir, steps=(2, 4)):
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["model"]["base_channels"] == 16
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == list(steps)
+    for x in lines:
+        assert {"loss", "grad_norm", "lr", "mse", "images_per_sec"} <= set(x)
+        assert np.isfinite(x["loss"]) and x["images_per_sec"] > 0
+    for s in steps:
+        assert os.path.isdir(os.path.join(workdir, "checkpoints", str(s)))
+    with Image.open(os.path.join(workdir, "samples", f"step_{steps[-1]:06d}.png")) as img:
+        assert img.size[0] > 64  # 2x2 grid of 32x32 images, scaled 2x
+
+
+def _check_sample_and_eval(workdir):
+    r = run_cli(["--config=configs/ddpm.py:tiny", f"--workdir={workdir}", "--mode=sample"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    npz = np.load(os.path.join(workdir, "samples", "sample_step_000004_ddpm_100.npz"))
+    assert npz["images"].shape == (4, 32, 32, 1) and npz["images"].dtype == np.uint8
+    for strip in ("forward_strip.png", "reverse_strip.png"):
+        assert os.path.getsize(os.path.join(workdir, "samples", strip)) > 0
+    r = run_cli(["--config=configs/ddpm.py:tiny", f"--workdir={workdir}", "--mode=eval"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.load(open(os.path.join(workdir, "eval", "step_000004.json")))
+    assert report["num_examples"] == 64 and np.isfinite(report["test_loss"])
+
+
+def test_cli_on_real_fashion_mnist(tmp_path):
+    """The real Debian files (`.ci/run` installs dataset-fashion-mnist)."""
+    assert os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")), (
+        "apt-get install dataset-fashion-mnist (the CI script does this)"
+    )
+    workdir = str(tmp_path / "real")
+    r = run_cli(
+        ["--config=configs/ddpm.py:tiny", f"--workdir={workdir}"], env_extra={"DIFFAX_DATA_DIR": ""}
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Compiling the train step" in r.stderr
+    _check_outputs(workdir)
+    _check_sample_and_eval(workdir)
+
+
+def test_cli_resume_on_test_written_idx(fake_data, uninterrupted, tmp_path):
+    ref, _ = uninterrupted
+    workdir = str(tmp_path / "cli")
+    common = [
+        "--config=configs/ddpm.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.dir={fake_data}",
+        "--config.data.num_examples=0",
+        "--config.train.sample_every=0",
+    ]
+    r = run_cli(common + ["--config.train.num_steps=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 2" in r.stderr
+    exp = Experiment(tiny_config(fake_data), make_mesh(1))
+    ckpt = checkpointing.Checkpointer(workdir)
+    assert ckpt.all_steps() == [2, 4]
+    state = ckpt.restore(
+        4, checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    )
+    ckpt.close()
+    assert_states_equal(jax.device_get(state), ref)
+
+
+def test_cli_rejects_unknown_field_and_bad_lr(tmp_path):
+    r = run_cli(
+        [
+            "--config=configs/ddpm.py:tiny",
+            f"--workdir={tmp_path}/x",
+            "--config.train.learning_rate=1e-3",
+        ]
+    )
+    assert r.returncode != 0 and "learning_rate" in r.stderr
+    r = run_cli(["--config=configs/ddpm.py:tiny", f"--workdir={tmp_path}/y", "--config.optim.lr=0"])
+    assert r.returncode == 2 and "config.optim.lr=0.0 is outside the allowed range" in r.stderr
+    assert "Compiling" not in r.stderr and not os.path.exists(f"{tmp_path}/y/checkpoints")

@@ -1,0 +1,103 @@
+"""Bad input fails before anything compiles, naming the field or path and the fix."""
+
+import pytest
+
+from diffax_lab import experiment, train
+from diffax_lab.data import DataError
+from diffax_lab.validation import ConfigError, validate_config
+from tests.helpers import load_config, tiny_config, write_fake_idx
+
+
+@pytest.fixture(autouse=True)
+def no_compilation(monkeypatch):
+    """Any attempt to build the train step fails the test: errors must come first."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the train step was built before the bad input was reported")
+
+    monkeypatch.setattr(experiment.Experiment, "make_train_step", fail)
+
+
+@pytest.mark.parametrize(
+    "field,value,pattern",
+    [
+        ("optim.lr", 0.0, r"config.optim.lr=0.0 is outside the allowed range \(0"),
+        ("optim.lr", -1e-4, r"config.optim.lr"),
+        ("optim.lr", float("nan"), r"config.optim.lr must be finite"),
+        ("optim.grad_clip", -1.0, r"config.optim.grad_clip"),
+        (
+            "optim.ema_decay",
+            1.0,
+            r"config.optim.ema_decay=1.0 is outside the allowed range \[0.0, 1.0\)",
+        ),
+        ("train.p_uncond", 1.0, r"config.train.p_uncond"),
+        ("diffusion.num_timesteps", 0, r"config.diffusion.num_timesteps"),
+        ("train.batch_size", 0, r"config.train.batch_size"),
+        ("diffusion.schedule", "quartic", r"config.diffusion.schedule='quartic' must be one of"),
+        ("model.num_groups", 5, r"config.model.num_groups=5 must divide"),
+        ("data.image_size", 28, r"config.data.image_size=28 must be a multiple of 8"),
+        ("sample.num_steps", 101, r"config.sample.num_steps"),
+    ],
+)
+def test_bad_values_name_their_field(field, value, pattern):
+    config = load_config()
+    if field == "data.image_size":
+        config.model.channel_mult = (1, 2, 2, 2)
+        config.model.attention_resolutions = ()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config(config)
+
+
+def test_defaults_are_valid():
+    for arg in (None, "tiny", "cpu"):
+        validate_config(load_config("ddpm.py", arg))
+    validate_config(load_config("cifar10_ddpm.py", None))
+
+
+def test_missing_data_dir_fails_before_compiling(tmp_path):
+    config = tiny_config("/no/such/fashion")
+    with pytest.raises(DataError, match=r"/no/such/fashion.*apt-get install dataset-fashion-mnist"):
+        train.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_truncated_idx_fails_before_compiling(tmp_path):
+    write_fake_idx(tmp_path / "data", gz=False)
+    path = tmp_path / "data" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte is truncated"):
+        train.train(tiny_config(tmp_path / "data"), str(tmp_path / "run"))
+
+
+def test_batch_larger_than_dataset(tmp_path):
+    write_fake_idx(tmp_path / "data", n_train=8)
+    with pytest.raises(ConfigError, match=r"config.train.batch_size=16 exceeds the 8"):
+        train.train(tiny_config(tmp_path / "data"), str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("workdir", ["", "/", "  "])
+def test_refuses_empty_or_root_workdir(workdir, tmp_path):
+    write_fake_idx(tmp_path / "data")
+    with pytest.raises(ConfigError, match="workdir"):
+        train.train(tiny_config(tmp_path / "data"), workdir)
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    write_fake_idx(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(tiny_config(tmp_path / "data").to_json())
+    saved = (run / "config.json").read_text()
+    config = tiny_config(tmp_path / "data", **{"model.base_channels": 32})
+    with pytest.raises(ConfigError, match=r"model.base_channels: 16 -> 32.*new --workdir"):
+        train.train(config, str(run))
+    assert (run / "config.json").read_text() == saved  # nothing saved was overwritten
+
+
+def test_label_out_of_range_for_class_conditional(tmp_path):
+    write_fake_idx(tmp_path / "data")
+    config = tiny_config(tmp_path / "data", **{"model.num_classes": 3})
+    with pytest.raises(ConfigError, match=r"config.model.num_classes=3 but the data has label"):
+        train.train(config, str(tmp_path / "run"))
