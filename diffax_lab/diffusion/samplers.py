@@ -1,12 +1,19 @@
 """Samplers: one compiled loop, many update rules chosen by name.
 
-A sampler is one function registered with ``@register_sampler(name)``: it maps
-(x_t, x0_hat, eps_hat, alpha_bar_t, alpha_bar_prev, key) to x_prev. ``sample`` runs it over
-any increasing subset of the schedule's steps inside one ``lax.scan``, so a whole sampling
-run is a single XLA program and a new sampler needs no new loop.
+A sampler is one function registered with ``@register_sampler(name, grid=...)``::
 
-``model_fn(x_t, t) -> output`` is the network bound to its parameters and condition,
-with ``t`` the continuous time [B] of ``schedules.py``; ``prediction`` says what it returns.
+    step(denoise, x, carry, cur, nxt, key, **options) -> (x_next, carry)
+
+where ``denoise(x, t) -> (x0_hat, eps_hat)`` evaluates the network (any prediction type,
+clipping and guidance already applied), and ``cur`` / ``nxt`` are ``GridPoint``s: the
+continuous time ``t`` and ``alpha_bar`` of the current and the next (less noisy) point.
+The last ``nxt`` is always t = 0, alpha_bar = 1. ``sample`` runs the step over the grid in
+one ``lax.scan``, so a whole sampling run is one XLA program and a new sampler is one
+function. Grids: ``discrete`` (any subset of the schedule's steps, timestep respacing as in
+Nichol & Dhariwal 2021) or ``karras`` (the sigma schedule of Karras et al. 2022, eq. 5).
+
+``model_fn(x_t, t) -> output`` is the network bound to its parameters and condition, with
+``t`` the continuous time [B] of ``schedules.py``; ``prediction`` says what it returns.
 """
 
 from __future__ import annotations
@@ -22,17 +29,14 @@ from diffax_lab.diffusion import process
 from diffax_lab.diffusion.schedules import DiscreteSchedule, spaced_indices
 
 SAMPLERS: dict[str, Callable] = {}
+SAMPLER_GRIDS: dict[str, str] = {}
 VARIANCES = ("beta", "beta_tilde")
+KARRAS_RHO = 7.0
 
 
-def register_sampler(name: str):
-    def wrap(fn):
-        if name in SAMPLERS:
-            raise ValueError(f"Sampler {name!r} is registered twice.")
-        SAMPLERS[name] = fn
-        return fn
-
-    return wrap
+class GridPoint(NamedTuple):
+    t: jnp.ndarray  # [B] continuous time
+    alpha_bar: jnp.ndarray  # [B]
 
 
 class SampleOutput(NamedTuple):
@@ -41,35 +45,174 @@ class SampleOutput(NamedTuple):
     trajectory_times: np.ndarray | None  # [N] continuous time of each trajectory frame
 
 
+def register_sampler(name: str, grid: str = "discrete"):
+    if grid not in ("discrete", "karras"):
+        raise ValueError(f"grid must be 'discrete' or 'karras', got {grid!r}.")
+
+    def wrap(fn):
+        if name in SAMPLERS:
+            raise ValueError(f"Sampler {name!r} is registered twice.")
+        SAMPLERS[name], SAMPLER_GRIDS[name] = fn, grid
+        return fn
+
+    return wrap
+
+
+# ---------------------------------------------------------------- update rules
+
+
 @register_sampler("ddpm")
-def ddpm_step(x_t, x0_hat, eps_hat, ab_t, ab_prev, key, *, variance="beta_tilde"):
+def ddpm_step(denoise, x, carry, cur, nxt, key, *, variance="beta_tilde"):
     """Ancestral step of Ho et al. (2020), Algorithm 2, written through the posterior.
 
     The mean is the posterior mean of q(x_prev | x_t, x0_hat) (eqs. 7 and 11 agree for an
-    eps model); the variance is beta_t or beta_tilde_t (section 3.2). No noise at t = 1.
+    eps model); the variance is beta_t or beta_tilde_t (section 3.2). No noise at t = 0.
     """
-    del eps_hat
-    mean, posterior_var = process.q_posterior_mean_variance(x0_hat, x_t, ab_t, ab_prev)
+    x0_hat, _ = denoise(x, cur.t)
+    mean, posterior_var = process.q_posterior_mean_variance(x0_hat, x, cur.alpha_bar, nxt.alpha_bar)
     if variance == "beta":
-        var = 1.0 - process.expand_to(ab_t / ab_prev, x_t)
+        var = 1.0 - process.expand_to(cur.alpha_bar / nxt.alpha_bar, x)
     elif variance == "beta_tilde":
         var = posterior_var
     else:
         raise ValueError(f"sample.variance must be one of {VARIANCES}, got {variance!r}.")
-    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
-    is_last = process.expand_to(ab_prev >= 1.0, x_t)
-    return mean + jnp.where(is_last, 0.0, jnp.sqrt(var)) * noise
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    is_last = process.expand_to(nxt.alpha_bar >= 1.0, x)
+    return mean + jnp.where(is_last, 0.0, jnp.sqrt(var)) * noise, carry
+
+
+def ddim_update(x0_hat, eps_hat, ab_t, ab_prev, key, eta):
+    """DDIM (Song et al. 2021, eq. 12); eta = 1 gives the DDPM posterior variance."""
+    ab_t = process.expand_to(ab_t, x0_hat)
+    ab_prev = process.expand_to(ab_prev, x0_hat)
+    sigma2 = eta**2 * (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
+    direction = jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma2, 0.0)) * eps_hat
+    noise = jax.random.normal(key, x0_hat.shape, x0_hat.dtype)
+    return jnp.sqrt(ab_prev) * x0_hat + direction + jnp.sqrt(sigma2) * noise
 
 
 @register_sampler("ddim")
-def ddim_step(x_t, x0_hat, eps_hat, ab_t, ab_prev, key, *, eta=0.0):
-    """DDIM (Song et al. 2021, eq. 12); eta = 1 gives the DDPM posterior variance."""
-    ab_t = process.expand_to(ab_t, x_t)
-    ab_prev = process.expand_to(ab_prev, x_t)
-    sigma2 = eta**2 * (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
-    direction = jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma2, 0.0)) * eps_hat
-    noise = jax.random.normal(key, x_t.shape, x_t.dtype)
-    return jnp.sqrt(ab_prev) * x0_hat + direction + jnp.sqrt(sigma2) * noise
+def ddim_step(denoise, x, carry, cur, nxt, key, *, eta=0.0):
+    x0_hat, eps_hat = denoise(x, cur.t)
+    return ddim_update(x0_hat, eps_hat, cur.alpha_bar, nxt.alpha_bar, key, eta), carry
+
+
+def _half_lambda(alpha_bar):
+    """lambda = log(alpha / sigma) = log-SNR / 2 (DPM-Solver's notation)."""
+    return 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
+
+
+@register_sampler("dpm_solver++")
+def dpm_solver_pp_2m_step(denoise, x, carry, cur, nxt, key):
+    """DPM-Solver++(2M), Lu et al. (2022), Algorithm 2 (data prediction, multistep).
+
+    carry = (x0 of the previous step, its step size h, whether one exists). The first step
+    is first order (DDIM), and so is the last, which lands on x0_hat itself.
+    """
+    del key
+    x0_prev, h_prev, has_prev = carry
+    x0_hat, _ = denoise(x, cur.t)
+    is_last = nxt.alpha_bar >= 1.0
+    ab_n = jnp.where(is_last, 0.5, nxt.alpha_bar)  # keep the unused branch finite
+    lam_c, lam_n = _half_lambda(cur.alpha_bar), _half_lambda(ab_n)
+    h = lam_n - lam_c  # [B]
+    r = h_prev / h
+    second = (1.0 + 0.5 / r)[:, None] * _flat(x0_hat) - (0.5 / r)[:, None] * _flat(x0_prev)
+    d = jnp.where(has_prev, second.reshape(x.shape), x0_hat)
+    sig_ratio = jnp.sqrt((1.0 - ab_n) / (1.0 - cur.alpha_bar))
+    x_next = (
+        process.expand_to(sig_ratio, x) * x
+        - process.expand_to(jnp.sqrt(ab_n) * jnp.expm1(-h), x) * d
+    )
+    x_next = jnp.where(process.expand_to(is_last, x), x0_hat, x_next)
+    return x_next, (x0_hat, h, jnp.ones_like(has_prev))
+
+
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def _sigma(alpha_bar):
+    """VE noise level of the VP state: x / sqrt(abar) = x0 + sigma eps."""
+    return jnp.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+def _karras_derivative(denoise, x, point):
+    """(x_ve, d = (x_ve - x0_hat) / sigma) at a grid point, in VE coordinates."""
+    x0_hat, _ = denoise(x, point.t)
+    x_ve = x / process.expand_to(jnp.sqrt(point.alpha_bar), x)
+    return x_ve, (x_ve - x0_hat) / process.expand_to(_sigma(point.alpha_bar), x)
+
+
+def _to_vp(x_ve, alpha_bar):
+    return x_ve * process.expand_to(jnp.sqrt(alpha_bar), x_ve)
+
+
+@register_sampler("euler", grid="karras")
+def euler_step(denoise, x, carry, cur, nxt, key):
+    """Euler on the probability-flow ODE dx/dsigma = (x - D(x)) / sigma (Karras et al. 2022)."""
+    del key
+    x_ve, d = _karras_derivative(denoise, x, cur)
+    dsigma = process.expand_to(_sigma(nxt.alpha_bar) - _sigma(cur.alpha_bar), x)
+    return _to_vp(x_ve + dsigma * d, nxt.alpha_bar), carry
+
+
+@register_sampler("heun", grid="karras")
+def heun_step(denoise, x, carry, cur, nxt, key):
+    """Heun's second-order method, Karras et al. (2022) Algorithm 1 (no churn): the
+    correction is skipped on the last step, where sigma_next = 0."""
+    del key
+    x_ve, d = _karras_derivative(denoise, x, cur)
+    sig_c, sig_n = _sigma(cur.alpha_bar), _sigma(nxt.alpha_bar)
+    dsigma = process.expand_to(sig_n - sig_c, x)
+    x_euler = x_ve + dsigma * d
+    is_last = nxt.alpha_bar >= 1.0
+    safe_n = GridPoint(nxt.t, jnp.where(is_last, cur.alpha_bar, nxt.alpha_bar))
+    _, d2 = _karras_derivative(denoise, _to_vp(x_euler, safe_n.alpha_bar), safe_n)
+    x_heun = x_ve + dsigma * 0.5 * (d + d2)
+    x_ve_next = jnp.where(process.expand_to(is_last, x), x_euler, x_heun)
+    return _to_vp(x_ve_next, nxt.alpha_bar), carry
+
+
+# ---------------------------------------------------------------- grids and the loop
+
+
+def discrete_grid(schedule: DiscreteSchedule, num_steps: int | None, spacing: str):
+    """(times, alpha_bars) from noisiest to cleanest, then the final point t = 0."""
+    T = schedule.num_steps
+    idx = spaced_indices(T, T if num_steps is None else num_steps, spacing)[::-1]
+    times = np.concatenate([np.asarray(schedule.times)[idx], [0.0]])
+    abar = np.concatenate([np.asarray(schedule.alphas_cumprod, np.float64)[idx], [1.0]])
+    return times, abar
+
+
+def karras_grid(schedule: DiscreteSchedule, num_steps: int | None, rho: float = KARRAS_RHO):
+    """Karras et al. (2022) eq. 5 between the schedule's own sigma_max and sigma_min."""
+    n = schedule.num_steps if num_steps is None else num_steps
+    ab = np.asarray(schedule.alphas_cumprod, np.float64)
+    log_snr = np.log(ab) - np.log1p(-ab)
+    s_max, s_min = np.exp(-0.5 * log_snr[-1]), np.exp(-0.5 * log_snr[0])
+    ramp = np.linspace(0.0, 1.0, n)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    # Invert the continuous log-SNR view (decreasing in t) to get each sigma's time.
+    times = np.interp(-2.0 * np.log(sigmas), log_snr[::-1], np.asarray(schedule.times)[::-1])
+    abar = 1.0 / (1.0 + sigmas**2)
+    return np.concatenate([times, [0.0]]), np.concatenate([abar, [1.0]])
+
+
+def make_denoiser(model_fn, schedule: DiscreteSchedule, prediction: str, clip_x0: float | None):
+    """denoise(x, t) -> (x0_hat, eps_hat), with x0 clipped (and eps made consistent)."""
+
+    def denoise(x, t):
+        ab = schedule.alpha_bar_at(t)
+        out = model_fn(x, t).astype(jnp.float32)
+        x0_hat, eps_hat = process.to_x0_and_eps(prediction, out, x, ab)
+        if clip_x0 is not None:
+            x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
+            eps_hat = process.predict_eps_from_x0(x, x0_hat, ab)
+        return x0_hat, eps_hat
+
+    return denoise
 
 
 def sample(
@@ -89,53 +232,51 @@ def sample(
 ) -> SampleOutput:
     """Draws samples of ``shape`` by running ``sampler`` from pure noise to t = 0.
 
-    ``num_steps`` (default: all of the schedule's) picks a subset of steps by ``spacing``
-    (timestep respacing, Nichol & Dhariwal 2021); ``clip_x0`` clips the predicted x_0 to
-    [-clip_x0, clip_x0] before each update; ``num_trajectory`` > 0 also returns the x_t
-    fed to the network at that many evenly spaced steps (the first is x_T). Call inside
-    ``jax.jit`` (with ``model_fn`` and the keyword options static) to compile the loop once.
+    ``num_steps`` (default: as many as the schedule has) network steps; on the discrete
+    grid ``spacing`` picks which. ``clip_x0`` clips the predicted x_0 to
+    [-clip_x0, clip_x0]; ``num_trajectory`` > 0 also returns the x_t fed to the network at
+    that many evenly spaced steps (the first is x_T). Call inside ``jax.jit`` (with
+    ``model_fn`` and the options static) to compile the loop once.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
     step_fn = SAMPLERS[sampler]
-    T = schedule.num_steps
-    indices = spaced_indices(T, T if num_steps is None else num_steps, spacing)
-    sched = schedule.respace(indices) if len(indices) < T else schedule
-    S = sched.num_steps
-    ab = sched.alphas_cumprod
-    ab_prev = sched.alphas_cumprod_prev
+    if SAMPLER_GRIDS[sampler] == "karras":
+        times, abar = karras_grid(schedule, num_steps)
+    else:
+        times, abar = discrete_grid(schedule, num_steps, spacing)
+    S = len(times) - 1
     batch = shape[0]
+    denoise = make_denoiser(model_fn, schedule, prediction, clip_x0)
 
     init_key, loop_key = jax.random.split(key)
     x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else x_T
-    # Trajectory slots: slot j records the input at loop position record_at[j] (0 = first).
+    # Trajectory slot of each loop position; n_traj means "not recorded" (dropped).
     n_traj = min(num_trajectory, S)
     record_at = np.round(np.linspace(0, S - 1, n_traj)).astype(np.int64) if n_traj else None
-    slot_of_position = np.full((S,), n_traj, np.int32)  # n_traj = "not recorded" (dropped)
+    slot_of_position = np.full((S,), n_traj, np.int32)
     if n_traj:
         slot_of_position[record_at] = np.arange(n_traj, dtype=np.int32)
     traj = jnp.zeros((n_traj,) + tuple(shape), jnp.float32)
+    carry = (jnp.zeros(shape, jnp.float32), jnp.ones((batch,)), jnp.zeros((), bool))
 
-    def body(carry, k):
-        x, traj = carry
-        position = S - 1 - k  # 0 for the first (noisiest) step
+    def point(i, arr_t, arr_ab):
+        return GridPoint(jnp.full((batch,), arr_t[i]), jnp.full((batch,), arr_ab[i]))
+
+    t_arr = jnp.asarray(times, jnp.float32)
+    ab_arr = jnp.asarray(abar, jnp.float32)
+
+    def body(state, i):
+        x, carry, traj = state
         if n_traj:
-            traj = traj.at[jnp.asarray(slot_of_position)[position]].set(x, mode="drop")
-        t = jnp.full((batch,), sched.times[k])
-        out = model_fn(x, t).astype(jnp.float32)
-        ab_t = jnp.full((batch,), ab[k])
-        ab_p = jnp.full((batch,), ab_prev[k])
-        x0_hat, eps_hat = process.to_x0_and_eps(prediction, out, x, ab_t)
-        if clip_x0 is not None:
-            x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
-            eps_hat = process.predict_eps_from_x0(x, x0_hat, ab_t)
-        x = step_fn(
-            x, x0_hat, eps_hat, ab_t, ab_p, jax.random.fold_in(loop_key, k), **sampler_kwargs
+            traj = traj.at[jnp.asarray(slot_of_position)[i]].set(x, mode="drop")
+        cur, nxt = point(i, t_arr, ab_arr), point(i + 1, t_arr, ab_arr)
+        x, carry = step_fn(
+            denoise, x, carry, cur, nxt, jax.random.fold_in(loop_key, i), **sampler_kwargs
         )
-        return (x, traj), None
+        return (x, carry, traj), None
 
-    (x, traj), _ = jax.lax.scan(body, (x, traj), jnp.arange(S - 1, -1, -1))
+    (x, _, traj), _ = jax.lax.scan(body, (x, carry, traj), jnp.arange(S))
     if not n_traj:
         return SampleOutput(x, None, None)
-    times = np.asarray(sched.times)[::-1][record_at]
-    return SampleOutput(x, traj, times)
+    return SampleOutput(x, traj, times[record_at])

@@ -70,12 +70,65 @@ def test_ddim_eta1_has_ddpm_posterior_variance():
     """With eta = 1 over all T steps, DDIM's per-step noise variance is beta_tilde_t."""
     s = schedules.get_schedule("linear", 1000)
     ab, ab_prev = s.alphas_cumprod, s.alphas_cumprod_prev
-    x_t = jnp.zeros((20_000, 1))
+    zeros = jnp.zeros((20_000, 1))
     for i in [1, 500, 999]:
         key = jax.random.PRNGKey(i)
         abt, abp = jnp.full((20_000,), ab[i]), jnp.full((20_000,), ab_prev[i])
-        out = samplers.ddim_step(x_t, x_t, x_t, abt, abp, key, eta=1.0)
+        out = samplers.ddim_update(zeros, zeros, abt, abp, key, eta=1.0)
         assert float(jnp.var(out)) == pytest.approx(float(s.posterior_variance[i]), rel=0.03)
+
+
+def exact_ode_solution(x_T, schedule, mean, std):
+    """The probability-flow ODE for Gaussian data keeps z = (x_t - sqrt(ab) mu) / sd_t fixed."""
+    ab_T = float(schedule.alphas_cumprod[-1])
+    z = (x_T - np.sqrt(ab_T) * mean) / np.sqrt(ab_T * std**2 + 1 - ab_T)
+    return mean + std * z
+
+
+DETERMINISTIC = [("ddim", {"eta": 0.0}), ("dpm_solver++", {}), ("euler", {}), ("heun", {})]
+ORDER = {"ddim": 1, "euler": 1, "dpm_solver++": 2, "heun": 2}
+
+
+@pytest.mark.parametrize("name,kw", DETERMINISTIC)
+def test_ode_samplers_converge_at_their_order(name, kw):
+    """Error against the exact flow falls ~4x (first order) or ~16x (second) per 4x steps."""
+    s = schedules.get_schedule("linear", 1000)
+    mean, std = 0.5, 0.3
+    model_fn = analytic.gaussian_model_fn(s, jnp.array([mean]), std)
+    x_T = jax.random.normal(jax.random.PRNGKey(3), (1000, 1))
+    exact = exact_ode_solution(np.asarray(x_T), s, mean, std)
+    errors = []
+    for steps in (50, 200):
+        out = _run(model_fn, s, (1000, 1), sampler=name, num_steps=steps, x_T=x_T, **kw)
+        errors.append(float(np.mean(np.abs(np.asarray(out.samples) - exact))))
+    ratio = errors[0] / errors[1]
+    assert (3.0 < ratio < 6.0) if ORDER[name] == 1 else (ratio > 10.0), errors
+    assert errors[1] < 0.02 * std, errors
+
+
+@pytest.mark.parametrize("name,kw", [("ddpm", {}), *DETERMINISTIC])
+def test_every_sampler_recovers_the_mixture(name, kw):
+    s = schedules.get_schedule("linear", 1000)
+    means = jnp.array([[-2.0, 0.0], [2.0, 1.0]])
+    stds, weights = jnp.array([0.3, 0.5]), jnp.array([0.3, 0.7])
+    model_fn = analytic.gaussian_mixture_model_fn(s, means, stds, weights)
+    steps = 1000 if name == "ddpm" else 250
+    x = np.asarray(_run(model_fn, s, (N, 2), sampler=name, num_steps=steps, **kw).samples)
+    comp = np.argmin(((x[:, None] - np.asarray(means)[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(comp == 1) == pytest.approx(0.7, abs=0.03)
+    for k in range(2):
+        np.testing.assert_allclose(x[comp == k].mean(0), np.asarray(means[k]), atol=0.05)
+        np.testing.assert_allclose(x[comp == k].std(0), float(stds[k]), rtol=0.06)
+
+
+def test_ddpm_error_shrinks_with_steps():
+    s = schedules.get_schedule("cosine", 1000)
+    model_fn = analytic.gaussian_model_fn(s, jnp.array([0.5]), 0.3)
+    err = []
+    for steps in (5, 1000):
+        x = np.asarray(_run(model_fn, s, (20_000, 1), num_steps=steps, variance="beta").samples)
+        err.append(abs(x.std() - 0.3) + abs(x.mean() - 0.5))
+    assert err[1] < err[0], err
 
 
 def test_unknown_sampler_named():

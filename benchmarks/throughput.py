@@ -1,0 +1,160 @@
+"""Throughput of any config: training, the network's forward pass, and a whole sampling loop.
+
+    python -m benchmarks.throughput --config=configs/ddpm.py:cpu [--config.x.y=...] \
+        [--forward_batch=256] [--sample_steps=50] [--iters=10] [--peak_tflops=0] [--out=FILE]
+
+Prints one JSON object: compile times (reported apart), steady-state train and forward
+images/s, DDIM loop images/s per step, analytic GFLOP per image (benchmarks/flops.py),
+achieved TFLOP/s, model FLOP utilisation when --peak_tflops is given, and peak device
+memory where the backend reports it. Random data of the config's shape: this measures the
+step, not the input pipeline (which is on the device and inside the step anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from benchmarks.flops import count_flops
+from diffax_lab import sharding
+from diffax_lab.diffusion import samplers
+from diffax_lab.experiment import Experiment
+from diffax_lab.validation import validate_config
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (with :variant).", lock_config=True)
+flags.DEFINE_integer("forward_batch", 256, "Batch of the forward-pass measurement.")
+flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the sampling-loop measurement.")
+flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
+flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0 = not reported).")
+flags.DEFINE_string("out", "", "Also write the JSON here.")
+flags.mark_flag_as_required("config")
+
+
+def timed(fn, *args, iters):
+    """Seconds per call, after one warm-up call; blocks on the outputs."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def peak_memory_gib():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    validate_config(config)
+    mesh = sharding.make_mesh(config.train.num_devices or None)
+    exp = Experiment(config, mesh)
+    B, Bf = config.train.batch_size, FLAGS.forward_batch
+    shape = exp.image_shape
+    result = {
+        "config": config.to_dict(),
+        "device": str(jax.devices()[0].device_kind),
+        "num_devices": mesh.devices.size,
+        "jax": jax.__version__,
+        "host": platform.node(),
+        "params_millions": exp.count_params() / 1e6,
+    }
+
+    # FLOPs: one image forward, and one train step per image (forward + backward).
+    p = exp.abstract_state["params"]
+    x1, t1 = jnp.zeros((1, *shape)), jnp.zeros((1,))
+    y1 = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+    fwd_flops = count_flops(lambda p, x, t: exp.model.apply({"params": p}, x, t, y=y1), p, x1, t1)
+    result["gflop_per_image_forward"] = fwd_flops / 1e9
+
+    state = exp.create_state()
+    n = max(B, 1024)
+    images = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (n, *shape), np.uint8), exp.repl
+    )
+    labels = jax.device_put(np.zeros((n,), np.int32), exp.repl)
+    t0 = time.perf_counter()
+    step = exp.make_train_step(n, True).lower(state, images, labels).compile()
+    result["train_compile_s"] = time.perf_counter() - t0
+    train_flops = count_flops(
+        lambda p, x, t: jax.grad(
+            lambda p: exp.model.apply({"params": p}, x, t, y=None if y1 is None else y1).sum()
+        )(p),
+        p,
+        x1,
+        t1,
+    )
+    result["gflop_per_image_train"] = train_flops / 1e9
+
+    def run_train(state):
+        for _ in range(FLAGS.iters):
+            state, metrics = step(state, images, labels)
+        return state, metrics
+
+    state, m = step(state, images, labels)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    state, m = run_train(state)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / FLAGS.iters
+    result["train_images_per_s"] = B / dt
+    result["train_tflops"] = B * train_flops / dt / 1e12
+
+    params = state["ema_params"]
+    yf = jnp.zeros((Bf,), jnp.int32) if config.model.num_classes else None
+    fwd = jax.jit(lambda p, x, t: exp.model.apply({"params": p}, x, t, y=yf))
+    xf, tf = jnp.zeros((Bf, *shape)), jnp.full((Bf,), 0.5)
+    t0 = time.perf_counter()
+    fwd = fwd.lower(params, xf, tf).compile()
+    result["forward_compile_s"] = time.perf_counter() - t0
+    dt = timed(fwd, params, xf, tf, iters=FLAGS.iters)
+    result["forward_batch"] = Bf
+    result["forward_images_per_s"] = Bf / dt
+    result["forward_tflops"] = Bf * fwd_flops / dt / 1e12
+
+    S = FLAGS.sample_steps
+    loop = jax.jit(
+        lambda p, k: (
+            samplers.sample(
+                exp.model_fn(p, yf),
+                exp.schedule,
+                (Bf, *shape),
+                k,
+                sampler="ddim",
+                num_steps=S,
+                prediction=config.diffusion.prediction,
+            ).samples
+        )
+    )
+    key = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    loop = loop.lower(params, key).compile()
+    result["sampler_compile_s"] = time.perf_counter() - t0
+    dt = timed(loop, params, key, iters=max(1, FLAGS.iters // 5))
+    result["sampler_steps"] = S
+    result["sampler_images_steps_per_s"] = Bf * S / dt  # comparable to forward_images_per_s
+    if FLAGS.peak_tflops:
+        result["train_mfu"] = result["train_tflops"] / FLAGS.peak_tflops
+        result["forward_mfu"] = result["forward_tflops"] / FLAGS.peak_tflops
+    result["peak_memory_gib"] = peak_memory_gib()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
