@@ -91,6 +91,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.sample.eta = 0.0  # ddim only
     config.sample.clip_x0 = 1.0  # clip predicted x0 to [-c, c]; 0 = off
     config.sample.num_strip = 8  # frames in the forward and reverse strips
+    # Class-conditional models (model.num_classes > 0):
+    config.sample.labels = ()  # labels to draw; () = cycle through the classes
+    config.sample.guidance_weight = 0.0  # CFG w: (1 + w) eps_cond - w eps_uncond (s = 1 + w)
+    config.sample.sweep_weights = (0.0, 1.0, 3.0)  # rows of guidance_sweep.png
 
     config.eval = ConfigDict()
     config.eval.num_examples = 2048  # test images for the held-out loss

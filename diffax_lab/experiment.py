@@ -12,11 +12,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from diffax_lab import sharding
 from diffax_lab.data import pipeline
-from diffax_lab.diffusion import get_loss_fn, get_schedule, samplers
+from diffax_lab.diffusion import get_loss_fn, get_schedule, guidance, samplers
 from diffax_lab.models import get_model
 
 
@@ -177,13 +178,29 @@ class Experiment:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 2)
 
     # ----- sampling -----
+    def guided_model_fn(self, params, y, guidance_weight):
+        """The network as the sampler sees it: plain, conditional, or with CFG weight w.
+
+        CFG runs whenever the model was trained with label dropout (train.p_uncond > 0);
+        w = 0 is then plain conditional sampling (the unconditional half is multiplied by 0).
+        """
+        c = self.config
+        if not c.model.num_classes or c.train.p_uncond == 0:
+            return self.model_fn(params, y)
+
+        def apply_fn(x, t, y):
+            return self.model.apply({"params": params}, x, t, y=y)
+
+        null = jnp.full_like(y, c.model.num_classes)
+        return guidance.classifier_free(apply_fn, {"y": y}, {"y": null}, guidance_weight)
+
     @functools.cached_property
     def _sample_batch(self):
         s = self.config.sample
 
-        def run(params, key, y, num_trajectory):
+        def run(params, key, y, guidance_weight, x_T, num_trajectory):
             return samplers.sample(
-                self.model_fn(params, y),
+                self.guided_model_fn(params, y, guidance_weight),
                 self.schedule,
                 (s.batch_size, *self.image_shape),
                 key,
@@ -193,6 +210,7 @@ class Experiment:
                 prediction=self.config.diffusion.prediction,
                 clip_x0=s.clip_x0 or None,
                 num_trajectory=num_trajectory,
+                x_T=x_T,
                 **self.sampler_kwargs(),
             )
 
@@ -202,27 +220,42 @@ class Experiment:
         s = self.config.sample
         return {"ddpm": {"variance": s.variance}, "ddim": {"eta": s.eta}}.get(s.sampler, {})
 
-    def generate(self, params, num: int, key, labels=None, num_trajectory: int = 0):
+    def generate(
+        self,
+        params,
+        num: int,
+        key,
+        labels=None,
+        num_trajectory: int = 0,
+        guidance_weight: float | None = None,
+        same_noise: bool = False,
+    ):
         """``num`` images as float [-1, 1] (numpy), in batches of sample.batch_size.
 
-        Returns (images, trajectory, trajectory_times); the trajectory is that of the first
-        batch only.
+        ``labels`` (class-conditional models) default to config.sample.labels, else cycle
+        through the classes. ``same_noise`` starts every batch from the same x_T (for
+        sweeps). Returns (images, trajectory, trajectory_times); the trajectory is that
+        of the first batch only.
         """
-        bs = self.config.sample.batch_size
+        c = self.config
+        bs = c.sample.batch_size
+        w = c.sample.guidance_weight if guidance_weight is None else guidance_weight
+        if labels is None and c.model.num_classes:
+            labels = tuple(c.sample.labels) or tuple(range(c.model.num_classes))
+        x_T = None
+        if same_noise:
+            x_T = jax.random.normal(jax.random.fold_in(key, 2**31 - 1), (bs, *self.image_shape))
         outs, traj, times = [], None, None
         for b in range(-(-num // bs)):
             y = None
-            if self.config.model.num_classes:
-                ids = jnp.arange(b * bs, (b + 1) * bs)
-                y = (
-                    ids % self.config.model.num_classes
-                    if labels is None
-                    else jnp.asarray(labels)[jnp.minimum(ids, len(labels) - 1)]
-                ).astype(jnp.int32)
+            if c.model.num_classes:
+                ids = np.arange(b * bs, (b + 1) * bs)
+                y = jnp.asarray(np.asarray(labels)[ids % len(labels)], jnp.int32)
+            batch_key = key if same_noise else jax.random.fold_in(key, b)
             out = self._sample_batch(
-                params, jax.random.fold_in(key, b), y, num_trajectory if b == 0 else 0
+                params, batch_key, y, jnp.float32(w), x_T, num_trajectory if b == 0 else 0
             )
             outs.append(jax.device_get(out.samples))
             if b == 0 and num_trajectory:
                 traj, times = jax.device_get(out.trajectory), out.trajectory_times
-        return jnp.concatenate(outs)[:num], traj, times
+        return np.concatenate(outs)[:num], traj, times

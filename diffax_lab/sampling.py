@@ -43,6 +43,26 @@ def forward_strip(exp: Experiment, image_uint8: np.ndarray, num: int, key) -> tu
     return frames, times
 
 
+def write_guidance_sweep(exp: Experiment, params, out_dir: str, key) -> str:
+    """Rows: CFG weights w (config.sample.sweep_weights); columns: classes; same x_T per column."""
+    c = exp.config
+    classes = tuple(c.sample.labels) or tuple(range(c.model.num_classes))
+    rows, names = [], []
+    weights = tuple(c.sample.sweep_weights) if c.train.p_uncond > 0 else (0.0,)
+    for w in weights:
+        imgs, _, _ = exp.generate(
+            params, len(classes), key, labels=classes, guidance_weight=w, same_noise=True
+        )
+        rows.append(np.asarray(pipeline.to_uint8(imgs)))
+        names.append(f"w={w:g}")
+    path = os.path.join(out_dir, "guidance_sweep.png")
+    images.save_labelled_rows(path, rows, names)
+    logging.info(
+        "Wrote the guidance sweep (rows w = %s, columns classes %s) to %s.", weights, classes, path
+    )
+    return path
+
+
 def sample(config, workdir: str) -> dict:
     workdir, mesh = prepare(config, workdir, "sample")
     exp = Experiment(config, mesh)
@@ -76,6 +96,8 @@ def sample(config, workdir: str) -> dict:
     fwd, fwd_t = forward_strip(exp, real, s.num_strip + 1, jax.random.fold_in(key, 1))
     images.save_labelled_rows(os.path.join(out_dir, "forward_strip.png"), [fwd], ["q(x_t|x_0)"])
     images.save_labelled_rows(os.path.join(out_dir, "reverse_strip.png"), [rev], ["p(x_t-1|x_t)"])
+    if config.model.num_classes:
+        write_guidance_sweep(exp, state["ema_params"], out_dir, jax.random.fold_in(key, 2))
     logging.info(
         "Forward strip at t = %s; reverse strip at t = %s.",
         np.round(fwd_t, 3).tolist(),

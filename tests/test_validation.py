@@ -101,3 +101,17 @@ def test_label_out_of_range_for_class_conditional(tmp_path):
     config = tiny_config(tmp_path / "data", **{"model.num_classes": 3})
     with pytest.raises(ConfigError, match=r"config.model.num_classes=3 but the data has label"):
         train.train(config, str(tmp_path / "run"))
+
+
+def test_guidance_needs_a_trained_null_label():
+    config = load_config()
+    config.sample.guidance_weight = 1.0
+    with pytest.raises(ConfigError, match=r"guidance_weight > 0 needs a class-conditional"):
+        validate_config(config)
+    config = load_config("cfg.py", "tiny")
+    validate_config(config)
+    config.sample.labels = (3, 10)
+    with pytest.raises(
+        ConfigError, match=r"config.sample.labels=\(3, 10\) must be integers in \[0, 10\)"
+    ):
+        validate_config(config)
