@@ -124,7 +124,8 @@ class Experiment:
         def train_step(state, images, labels):
             step = state["step"]
             key = jax.random.fold_in(state["rng"], step)
-            data_key, flip_key, drop_key, loss_key, dropout_key = jax.random.split(key, 5)
+            # Batches are ordered by self.data_key (seed only); this key drives the noise.
+            flip_key, drop_key, loss_key, dropout_key = jax.random.split(key, 4)
             if gather_in_step:
                 idx = pipeline.batch_indices(self.data_key, step, num_examples, B)
                 images, labels = images[idx], labels[idx]

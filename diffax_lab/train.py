@@ -162,7 +162,7 @@ def train(config, workdir: str) -> dict:
     last_time, last_step = None, start
 
     def flush(step):
-        """Fetches pending metrics once, checks them, writes their mean. Returns nothing."""
+        """Fetches pending metrics once, checks them, writes and returns their mean."""
         nonlocal pending, last_time, last_step
         if not pending:
             return
@@ -177,7 +177,7 @@ def train(config, workdir: str) -> dict:
             )
         mean = {k: float(np.nanmean([m[k] for m in fetched])) for k in fetched[0]}
         now = time.perf_counter()
-        if last_time is not None:
+        if last_time is not None and step > last_step:
             mean["images_per_sec"] = (
                 (step - last_step) * config.train.batch_size / (now - last_time)
             )
@@ -196,11 +196,9 @@ def train(config, workdir: str) -> dict:
         state, metrics = train_step(state, *batch_for(step))
         pending.append(metrics)
         done = step + 1
-        if done == start + 1:  # the first step: start the throughput clock after it
+        if done == start + 1:  # start the throughput clock after the first step
             jax.block_until_ready(metrics)
-            flush(done) if every(done, config.train.log_every) else None
             last_time, last_step = time.perf_counter(), done
-            continue
         if every(done, config.train.log_every) or done == total:
             mean = flush(done)
             if mean:

@@ -210,3 +210,15 @@ def test_cfg_weight_changes_samples_and_zero_weight_is_conditional(fake_data, tm
     plain = Experiment(config, make_mesh(1))
     c, _, _ = plain.generate(params, 4, key, labels=(0, 1, 2, 3))
     np.testing.assert_allclose(a, c, atol=1e-4)
+
+
+def test_extending_by_one_step_saves_it(fake_data, uninterrupted, tmp_path):
+    _, ref_dir = uninterrupted
+    import shutil
+
+    workdir = tmp_path / "ext"
+    shutil.copytree(ref_dir, workdir)
+    state = train.train(tiny_config(fake_data, **{"train.num_steps": 5}), str(workdir))
+    assert int(state["step"]) == 5
+    assert 5 in checkpointing.Checkpointer(str(workdir)).all_steps()
+    assert json.loads(open(workdir / "metrics.jsonl").readlines()[-1])["step"] == 5
