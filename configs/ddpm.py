@@ -93,8 +93,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.sample.num_strip = 8  # frames in the forward and reverse strips
     # Class-conditional models (model.num_classes > 0):
     config.sample.labels = ()  # labels to draw; () = cycle through the classes
-    config.sample.guidance_weight = 0.0  # CFG w: (1 + w) eps_cond - w eps_uncond (s = 1 + w)
-    config.sample.sweep_weights = (0.0, 1.0, 3.0)  # rows of guidance_sweep.png
+    # CFG weight w of Ho & Salimans: (1 + w) eps_cond - w eps_uncond. Note: diffusers'
+    # guidance_scale s is 1 + w (eps_uncond + s (eps_cond - eps_uncond)); w = 0 is conditional.
+    config.sample.guidance_scale = 0.0
+    config.sample.sweep_scales = (0.0, 1.0, 3.0)  # rows of guidance_sweep.png
 
     config.eval = ConfigDict()
     config.eval.num_examples = 2048  # test images for the held-out loss

@@ -179,7 +179,7 @@ class Experiment:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 2)
 
     # ----- sampling -----
-    def guided_model_fn(self, params, y, guidance_weight):
+    def guided_model_fn(self, params, y, guidance_scale):
         """The network as the sampler sees it: plain, conditional, or with CFG weight w.
 
         CFG runs whenever the model was trained with label dropout (train.p_uncond > 0);
@@ -193,15 +193,15 @@ class Experiment:
             return self.model.apply({"params": params}, x, t, y=y)
 
         null = jnp.full_like(y, c.model.num_classes)
-        return guidance.classifier_free(apply_fn, {"y": y}, {"y": null}, guidance_weight)
+        return guidance.classifier_free(apply_fn, {"y": y}, {"y": null}, guidance_scale)
 
     @functools.cached_property
     def _sample_batch(self):
         s = self.config.sample
 
-        def run(params, key, y, guidance_weight, x_T, num_trajectory):
+        def run(params, key, y, guidance_scale, x_T, num_trajectory):
             return samplers.sample(
-                self.guided_model_fn(params, y, guidance_weight),
+                self.guided_model_fn(params, y, guidance_scale),
                 self.schedule,
                 (s.batch_size, *self.image_shape),
                 key,
@@ -228,7 +228,7 @@ class Experiment:
         key,
         labels=None,
         num_trajectory: int = 0,
-        guidance_weight: float | None = None,
+        guidance_scale: float | None = None,
         same_noise: bool = False,
     ):
         """``num`` images as float [-1, 1] (numpy), in batches of sample.batch_size.
@@ -240,7 +240,7 @@ class Experiment:
         """
         c = self.config
         bs = c.sample.batch_size
-        w = c.sample.guidance_weight if guidance_weight is None else guidance_weight
+        w = c.sample.guidance_scale if guidance_scale is None else guidance_scale
         if labels is None and c.model.num_classes:
             labels = tuple(c.sample.labels) or tuple(range(c.model.num_classes))
         x_T = None

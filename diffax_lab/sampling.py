@@ -44,14 +44,14 @@ def forward_strip(exp: Experiment, image_uint8: np.ndarray, num: int, key) -> tu
 
 
 def write_guidance_sweep(exp: Experiment, params, out_dir: str, key) -> str:
-    """Rows: CFG weights w (config.sample.sweep_weights); columns: classes; same x_T per column."""
+    """Rows: CFG weights w (config.sample.sweep_scales); columns: classes; same x_T per column."""
     c = exp.config
     classes = tuple(c.sample.labels) or tuple(range(c.model.num_classes))
     rows, names = [], []
-    weights = tuple(c.sample.sweep_weights) if c.train.p_uncond > 0 else (0.0,)
+    weights = tuple(c.sample.sweep_scales) if c.train.p_uncond > 0 else (0.0,)
     for w in weights:
         imgs, _, _ = exp.generate(
-            params, len(classes), key, labels=classes, guidance_weight=w, same_noise=True
+            params, len(classes), key, labels=classes, guidance_scale=w, same_noise=True
         )
         rows.append(np.asarray(pipeline.to_uint8(imgs)))
         names.append(f"w={w:g}")

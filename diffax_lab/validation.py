@@ -134,11 +134,11 @@ def validate_config(config) -> None:
     _number(config, "sample.clip_x0", low=0.0)
     _number(config, "sample.num_strip", low=2, integer=True)
 
-    _number(config, "sample.guidance_weight", low=0.0)
-    for w in tuple(config.sample.sweep_weights):
+    _number(config, "sample.guidance_scale", low=0.0)
+    for w in tuple(config.sample.sweep_scales):
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
             raise ConfigError(
-                f"config.sample.sweep_weights={config.sample.sweep_weights!r} "
+                f"config.sample.sweep_scales={config.sample.sweep_scales!r} "
                 "must be finite numbers >= 0."
             )
     labels = tuple(config.sample.labels)
@@ -149,9 +149,9 @@ def validate_config(config) -> None:
         )
     if any(not isinstance(y, int) or not 0 <= y < k for y in labels):
         raise ConfigError(f"config.sample.labels={labels!r} must be integers in [0, {k}).")
-    if config.sample.guidance_weight > 0 and not (k and config.train.p_uncond > 0):
+    if config.sample.guidance_scale > 0 and not (k and config.train.p_uncond > 0):
         raise ConfigError(
-            "config.sample.guidance_weight > 0 needs a class-conditional model trained with "
+            "config.sample.guidance_scale > 0 needs a class-conditional model trained with "
             "label dropout (model.num_classes > 0 and train.p_uncond > 0) to have a null label."
         )
 

@@ -179,7 +179,7 @@ def test_class_conditional_cfg_sampling(fake_data, tmp_path):
     ]
     r = run_cli(common)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(common + ["--mode=sample", "--config.sample.guidance_weight=2.0"])
+    r = run_cli(common + ["--mode=sample", "--config.sample.guidance_scale=2.0"])
     assert r.returncode == 0, r.stderr[-3000:]
     with Image.open(os.path.join(workdir, "samples", "guidance_sweep.png")) as img:
         # 2 rows (w = 0, 2) by 4 columns (labels 0, 1, 7, 9) of 32x32 tiles, scaled 2x.
@@ -203,8 +203,8 @@ def test_cfg_weight_changes_samples_and_zero_weight_is_conditional(fake_data, tm
     )
     exp = Experiment(config, make_mesh(1))
     key = jax.random.PRNGKey(0)
-    a, _, _ = exp.generate(params, 4, key, labels=(0, 1, 2, 3), guidance_weight=0.0)
-    b, _, _ = exp.generate(params, 4, key, labels=(0, 1, 2, 3), guidance_weight=2.0)
+    a, _, _ = exp.generate(params, 4, key, labels=(0, 1, 2, 3), guidance_scale=0.0)
+    b, _, _ = exp.generate(params, 4, key, labels=(0, 1, 2, 3), guidance_scale=2.0)
     assert float(np.max(np.abs(a - b))) > 1e-3
     config.train.p_uncond = 0.0  # no CFG wrapper: plain conditional sampling
     plain = Experiment(config, make_mesh(1))

@@ -105,8 +105,8 @@ def test_label_out_of_range_for_class_conditional(tmp_path):
 
 def test_guidance_needs_a_trained_null_label():
     config = load_config()
-    config.sample.guidance_weight = 1.0
-    with pytest.raises(ConfigError, match=r"guidance_weight > 0 needs a class-conditional"):
+    config.sample.guidance_scale = 1.0
+    with pytest.raises(ConfigError, match=r"guidance_scale > 0 needs a class-conditional"):
         validate_config(config)
     config = load_config("cfg.py", "tiny")
     validate_config(config)

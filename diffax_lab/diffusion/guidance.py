@@ -20,7 +20,7 @@ from diffax_lab.diffusion import process
 from diffax_lab.diffusion.schedules import DiscreteSchedule
 
 
-def classifier_free(apply_fn, cond: dict, null_cond: dict, guidance_weight: float):
+def classifier_free(apply_fn, cond: dict, null_cond: dict, guidance_scale: float):
     """model_fn for CFG with weight w.
 
     ``apply_fn(x, t, **cond) -> output``; ``cond`` and ``null_cond`` map the same keyword
@@ -29,7 +29,7 @@ def classifier_free(apply_fn, cond: dict, null_cond: dict, guidance_weight: floa
     """
     if set(cond) != set(null_cond):
         raise ValueError(f"cond {sorted(cond)} and null_cond {sorted(null_cond)} differ.")
-    w = guidance_weight
+    w = guidance_scale
 
     def model_fn(x, t):
         both = {k: jnp.concatenate([cond[k], null_cond[k]]) for k in cond}
