@@ -89,9 +89,7 @@ def main(argv):
     step = exp.make_train_step(n, True).lower(state, images, labels).compile()
     result["train_compile_s"] = time.perf_counter() - t0
     train_flops = count_flops(
-        lambda p, x, t: jax.grad(
-            lambda p: exp.model.apply({"params": p}, x, t, y=None if y1 is None else y1).sum()
-        )(p),
+        lambda p, x, t: jax.grad(lambda p: exp.model.apply({"params": p}, x, t, y=y1).sum())(p),
         p,
         x1,
         t1,

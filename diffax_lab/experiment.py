@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffax_lab import sharding
+from diffax_lab import checkpointing, sharding
 from diffax_lab.data import pipeline
 from diffax_lab.diffusion import get_loss_fn, get_schedule, guidance, samplers
 from diffax_lab.models import get_model
@@ -88,6 +88,11 @@ class Experiment:
 
     def create_state(self):
         return jax.jit(self.init_state, out_shardings=self.state_shardings)()
+
+    @property
+    def restore_target(self):
+        """The abstract state with its shardings: what a checkpoint restores into."""
+        return checkpointing.abstract_with_shardings(self.abstract_state, self.state_shardings)
 
     def count_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))

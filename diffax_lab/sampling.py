@@ -25,8 +25,7 @@ def restore_latest(exp: Experiment, workdir: str):
             f"No checkpoint in {ckpt.directory}; train first with --mode=train and the same "
             "--workdir."
         )
-    abstract = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-    state = ckpt.restore(step, abstract)
+    state = ckpt.restore(step, exp.restore_target)
     ckpt.close()
     return state, step
 

@@ -71,7 +71,7 @@ def check_optional_deps(config) -> None:
             ) from e
 
 
-def load_train_data(config, exp: Experiment):
+def load_train_data(config):
     """Loads the train split and checks it against the batch size (before compiling)."""
     imgs, labels = data.load_split(config.data, "train")
     n = imgs.shape[0]
@@ -109,7 +109,7 @@ def train(config, workdir: str) -> dict:
     """Trains; returns the final train state (on the devices)."""
     workdir, mesh = prepare(config, workdir, "train")
     exp = Experiment(config, mesh)
-    imgs, labels = load_train_data(config, exp)
+    imgs, labels = load_train_data(config)
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_config(workdir, config)
     logging.info(
@@ -120,11 +120,10 @@ def train(config, workdir: str) -> dict:
     )
 
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    abstract = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
     latest = ckpt.latest_step()
     if latest is not None:
         logging.info("Resuming from the checkpoint at step %d in %s.", latest, ckpt.directory)
-        state = ckpt.restore(latest, abstract)
+        state = ckpt.restore(latest, exp.restore_target)
     else:
         state = exp.create_state()
     start = int(jax.device_get(state["step"]))

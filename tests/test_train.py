@@ -147,9 +147,7 @@ def test_cli_resume_on_test_written_idx(fake_data, uninterrupted, tmp_path):
     exp = Experiment(tiny_config(fake_data), make_mesh(1))
     ckpt = checkpointing.Checkpointer(workdir)
     assert ckpt.all_steps() == [2, 4]
-    state = ckpt.restore(
-        4, checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-    )
+    state = ckpt.restore(4, exp.restore_target)
     ckpt.close()
     assert_states_equal(jax.device_get(state), ref)
 
