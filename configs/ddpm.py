@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 
 def get_config(arg: str | None = None) -> ConfigDict:
     config = ConfigDict()
+    config.task = "diffusion"  # diffusion | classifier (configs/classifier.py)
     config.seed = 0  # base PRNG seed; every step derives its key by fold_in(key, step)
 
     config.data = ConfigDict()
@@ -84,7 +85,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.sample.num = 64  # images in the grid and the .npz
     config.sample.batch_size = 64
     config.sample.seed = 0
-    config.sample.sampler = "ddpm"  # ddpm | ddim
+    config.sample.sampler = "ddpm"  # ddpm | ddim | dpm_solver++ | euler | heun
     config.sample.num_steps = 0  # 0 = all T steps
     config.sample.spacing = "uniform"  # uniform | quadratic
     config.sample.variance = "beta"  # ddpm only: beta | beta_tilde
@@ -96,7 +97,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # CFG weight w of Ho & Salimans: (1 + w) eps_cond - w eps_uncond. Note: diffusers'
     # guidance_scale s is 1 + w (eps_uncond + s (eps_cond - eps_uncond)); w = 0 is conditional.
     config.sample.guidance_scale = 0.0
-    config.sample.sweep_scales = (0.0, 1.0, 3.0)  # rows of guidance_sweep.png
+    # Classifier guidance (Dhariwal & Nichol 2021): eps - s sqrt(1 - abar) grad log p(y | x_t)
+    # with the noise-conditioned classifier trained in classifier_workdir (configs/classifier.py).
+    config.sample.classifier_scale = 0.0  # s; 0 = off
+    config.sample.classifier_workdir = ""
+    # Rows of guidance_sweep.png: CFG weights w for a model trained with p_uncond > 0, else
+    # classifier scales s (with sample.classifier_workdir set).
+    config.sample.sweep_scales = (0.0, 1.0, 3.0)
 
     config.eval = ConfigDict()
     config.eval.num_examples = 2048  # test images for the held-out loss

@@ -49,14 +49,9 @@ class Experiment:
 
     def __post_init__(self):
         c = self.config
-        self.model = get_model(c.model, out_channels=c.data.channels)
         self.schedule = get_schedule(c.diffusion.schedule, c.diffusion.num_timesteps)
-        self.loss_fn = get_loss_fn(
-            self.schedule,
-            c.diffusion.prediction,
-            c.diffusion.loss_weighting,
-            c.diffusion.min_snr_gamma,
-        )
+        self.build_model()
+        self.classifier = None  # (ClassifierExperiment, params) once attach_classifier ran
         # The lr schedule's horizon is fixed by the run's first num_steps only for cosine.
         self.tx, self.lr_fn = make_optimizer(c.optim, c.train.num_steps)
         self.image_shape = (c.data.image_size, c.data.image_size, c.data.channels)
@@ -64,6 +59,16 @@ class Experiment:
         self.batch_sharding = sharding.batch_sharded(self.mesh)
         self.abstract_state = jax.eval_shape(self.init_state)
         self.state_shardings = jax.tree.map(lambda _: self.repl, self.abstract_state)
+
+    def build_model(self):
+        c = self.config
+        self.model = get_model(c.model, out_channels=c.data.channels)
+        self.loss_fn = get_loss_fn(
+            self.schedule,
+            c.diffusion.prediction,
+            c.diffusion.loss_weighting,
+            c.diffusion.min_snr_gamma,
+        )
 
     # ----- parameters and state -----
     def _dummy_inputs(self, batch: int = 1):
@@ -76,8 +81,7 @@ class Experiment:
 
     def init_state(self):
         key = jax.random.PRNGKey(self.config.seed)
-        x, t, y, cond = self._dummy_inputs()
-        params = self.model.init(jax.random.fold_in(key, 0), x, t, y=y, cond=cond)["params"]
+        params = self.init_params(jax.random.fold_in(key, 0))
         return {
             "params": params,
             "ema_params": jax.tree.map(jnp.copy, params),
@@ -85,6 +89,10 @@ class Experiment:
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.fold_in(key, 1),
         }
+
+    def init_params(self, key):
+        x, t, y, cond = self._dummy_inputs()
+        return self.model.init(key, x, t, y=y, cond=cond)["params"]
 
     def create_state(self):
         return jax.jit(self.init_state, out_shardings=self.state_shardings)()
@@ -114,6 +122,19 @@ class Experiment:
         return fn
 
     # ----- training -----
+    def train_loss(self, params, x0, labels, keys):
+        """(loss, aux) of one batch; ``keys`` = (label-drop, noise, dropout) keys."""
+        c = self.config
+        drop_key, loss_key, dropout_key = keys
+        y = None
+        if c.model.num_classes:
+            y = labels
+            if c.train.p_uncond > 0:  # classifier-free guidance: drop to the null label
+                drop = jax.random.bernoulli(drop_key, c.train.p_uncond, y.shape)
+                y = jnp.where(drop, c.model.num_classes, y)
+        fn = self.model_fn(params, y, train=True, rngs={"dropout": dropout_key})
+        return self.loss_fn(fn, x0, loss_key)
+
     def make_train_step(self, num_examples: int, gather_in_step: bool):
         """(state, images, labels) -> (state, metrics), jitted with the state donated.
 
@@ -124,13 +145,12 @@ class Experiment:
         c = self.config
         B = c.train.batch_size
         decay = c.optim.ema_decay
-        null_label = c.model.num_classes
 
         def train_step(state, images, labels):
             step = state["step"]
             key = jax.random.fold_in(state["rng"], step)
             # Batches are ordered by self.data_key (seed only); this key drives the noise.
-            flip_key, drop_key, loss_key, dropout_key = jax.random.split(key, 4)
+            flip_key, *loss_keys = jax.random.split(key, 4)
             if gather_in_step:
                 idx = pipeline.batch_indices(self.data_key, step, num_examples, B)
                 images, labels = images[idx], labels[idx]
@@ -138,16 +158,9 @@ class Experiment:
             if c.data.random_flip:
                 x0 = pipeline.random_flip(flip_key, x0)
             x0 = jax.lax.with_sharding_constraint(x0, self.batch_sharding)
-            y = None
-            if c.model.num_classes:
-                y = labels
-                if c.train.p_uncond > 0:  # classifier-free guidance: drop to the null label
-                    drop = jax.random.bernoulli(drop_key, c.train.p_uncond, y.shape)
-                    y = jnp.where(drop, null_label, y)
 
             def loss_of(params):
-                fn = self.model_fn(params, y, train=True, rngs={"dropout": dropout_key})
-                return self.loss_fn(fn, x0, loss_key)
+                return self.train_loss(params, x0, labels, loss_keys)
 
             (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -184,29 +197,59 @@ class Experiment:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 2)
 
     # ----- sampling -----
-    def guided_model_fn(self, params, y, guidance_scale):
-        """The network as the sampler sees it: plain, conditional, or with CFG weight w.
+    def attach_classifier(self, classifier_exp, classifier_params) -> None:
+        """Enables classifier guidance (sample.classifier_scale) with a trained classifier."""
+        self.classifier = (classifier_exp, classifier_params)
+
+    @property
+    def num_labels(self) -> int:
+        """Classes a sample can be asked for: the model's, else the guiding classifier's."""
+        if self.config.model.num_classes:
+            return self.config.model.num_classes
+        return self.classifier[0].config.model.num_classes if self.classifier else 0
+
+    def guided_model_fn(
+        self, params, y, guidance_scale, classifier_params=None, classifier_scale=0.0
+    ):
+        """The network as the sampler sees it: plain, conditional, CFG with weight w, and
+        classifier guidance with scale s on top when ``classifier_params`` are given.
 
         CFG runs whenever the model was trained with label dropout (train.p_uncond > 0);
         w = 0 is then plain conditional sampling (the unconditional half is multiplied by 0).
         """
         c = self.config
-        if not c.model.num_classes or c.train.p_uncond == 0:
-            return self.model_fn(params, y)
+        if not c.model.num_classes:
+            fn = self.model_fn(params)
+        elif c.train.p_uncond == 0:
+            fn = self.model_fn(params, y)
+        else:
 
-        def apply_fn(x, t, y):
-            return self.model.apply({"params": params}, x, t, y=y)
+            def apply_fn(x, t, y):
+                return self.model.apply({"params": params}, x, t, y=y)
 
-        null = jnp.full_like(y, c.model.num_classes)
-        return guidance.classifier_free(apply_fn, {"y": y}, {"y": null}, guidance_scale)
+            null = jnp.full_like(y, c.model.num_classes)
+            fn = guidance.classifier_free(apply_fn, {"y": y}, {"y": null}, guidance_scale)
+        if classifier_params is None:
+            return fn
+        log_prob_fn = self.classifier[0].log_prob_fn(classifier_params)
+        return guidance.classifier_guided(
+            fn, log_prob_fn, y, self.schedule, classifier_scale, c.diffusion.prediction
+        )
 
     @functools.cached_property
-    def _sample_batch(self):
+    def sample_batch(self):
+        """The jitted sampler for one batch of sample.batch_size:
+        (params, key, y, guidance_scale, x_T, classifier_params, classifier_scale,
+        num_trajectory=static) -> SampleOutput."""
         s = self.config.sample
 
-        def run(params, key, y, guidance_scale, x_T, num_trajectory):
+        def run(
+            params, key, y, guidance_scale, x_T, classifier_params, classifier_scale, num_trajectory
+        ):
             return samplers.sample(
-                self.guided_model_fn(params, y, guidance_scale),
+                self.guided_model_fn(
+                    params, y, guidance_scale, classifier_params, classifier_scale
+                ),
                 self.schedule,
                 (s.batch_size, *self.image_shape),
                 key,
@@ -226,6 +269,14 @@ class Experiment:
         s = self.config.sample
         return {"ddpm": {"variance": s.variance}, "ddim": {"eta": s.eta}}.get(s.sampler, {})
 
+    def sample_labels(self, labels, batch: int):
+        """The int32 labels of batch ``batch`` (None for unlabelled sampling)."""
+        if not self.num_labels:
+            return None
+        bs = self.config.sample.batch_size
+        ids = np.arange(batch * bs, (batch + 1) * bs)
+        return jnp.asarray(np.asarray(labels)[ids % len(labels)], jnp.int32)
+
     def generate(
         self,
         params,
@@ -235,31 +286,42 @@ class Experiment:
         num_trajectory: int = 0,
         guidance_scale: float | None = None,
         same_noise: bool = False,
+        classifier_scale: float | None = None,
     ):
         """``num`` images as float [-1, 1] (numpy), in batches of sample.batch_size.
 
-        ``labels`` (class-conditional models) default to config.sample.labels, else cycle
-        through the classes. ``same_noise`` starts every batch from the same x_T (for
-        sweeps). Returns (images, trajectory, trajectory_times); the trajectory is that
-        of the first batch only.
+        ``labels`` (class-conditional models, or classifier guidance) default to
+        config.sample.labels, else cycle through the classes. ``guidance_scale`` (CFG w)
+        and ``classifier_scale`` (s, needs ``attach_classifier``) default to the config's.
+        ``same_noise`` starts every batch from the same x_T (for sweeps). Returns
+        (images, trajectory, trajectory_times); the trajectory is of the first batch only.
         """
         c = self.config
         bs = c.sample.batch_size
         w = c.sample.guidance_scale if guidance_scale is None else guidance_scale
-        if labels is None and c.model.num_classes:
-            labels = tuple(c.sample.labels) or tuple(range(c.model.num_classes))
+        s = c.sample.classifier_scale if classifier_scale is None else classifier_scale
+        classifier_params = None
+        if s > 0:
+            if self.classifier is None:
+                raise ValueError("classifier_scale > 0 needs attach_classifier() first.")
+            classifier_params = self.classifier[1]
+        if labels is None and self.num_labels:
+            labels = tuple(c.sample.labels) or tuple(range(self.num_labels))
         x_T = None
         if same_noise:
             x_T = jax.random.normal(jax.random.fold_in(key, 2**31 - 1), (bs, *self.image_shape))
         outs, traj, times = [], None, None
         for b in range(-(-num // bs)):
-            y = None
-            if c.model.num_classes:
-                ids = np.arange(b * bs, (b + 1) * bs)
-                y = jnp.asarray(np.asarray(labels)[ids % len(labels)], jnp.int32)
             batch_key = key if same_noise else jax.random.fold_in(key, b)
-            out = self._sample_batch(
-                params, batch_key, y, jnp.float32(w), x_T, num_trajectory if b == 0 else 0
+            out = self.sample_batch(
+                params,
+                batch_key,
+                self.sample_labels(labels, b),
+                jnp.float32(w),
+                x_T,
+                classifier_params,
+                jnp.float32(s),
+                num_trajectory=num_trajectory if b == 0 else 0,
             )
             outs.append(jax.device_get(out.samples))
             if b == 0 and num_trajectory:

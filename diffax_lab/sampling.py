@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from diffax_lab import checkpointing, data, images
+from diffax_lab.classifier import check_guidance_classifier, load_classifier
 from diffax_lab.data import pipeline
 from diffax_lab.diffusion import process
 from diffax_lab.experiment import Experiment
@@ -43,21 +44,25 @@ def forward_strip(exp: Experiment, image_uint8: np.ndarray, num: int, key) -> tu
 
 
 def write_guidance_sweep(exp: Experiment, params, out_dir: str, key) -> str:
-    """Rows: CFG weights w (config.sample.sweep_scales); columns: classes; same x_T per column."""
+    """Rows: guidance strengths (config.sample.sweep_scales); columns: classes; the same x_T
+    in every row. The strengths are CFG weights w for a model trained with label dropout,
+    else classifier scales s (classifier guidance)."""
     c = exp.config
-    classes = tuple(c.sample.labels) or tuple(range(c.model.num_classes))
+    classes = tuple(c.sample.labels) or tuple(range(exp.num_labels))
+    scales = tuple(c.sample.sweep_scales)
+    cfg = c.model.num_classes and c.train.p_uncond > 0
+    if not cfg and exp.classifier is None:
+        scales = (0.0,)  # a conditional model without CFG: one row
     rows, names = [], []
-    weights = tuple(c.sample.sweep_scales) if c.train.p_uncond > 0 else (0.0,)
-    for w in weights:
-        imgs, _, _ = exp.generate(
-            params, len(classes), key, labels=classes, guidance_scale=w, same_noise=True
-        )
+    for v in scales:
+        kw = {"guidance_scale": v} if cfg else {"classifier_scale": v}
+        imgs, _, _ = exp.generate(params, len(classes), key, labels=classes, same_noise=True, **kw)
         rows.append(np.asarray(pipeline.to_uint8(imgs)))
-        names.append(f"w={w:g}")
+        names.append(f"{'w' if cfg else 's'}={v:g}")
     path = os.path.join(out_dir, "guidance_sweep.png")
     images.save_labelled_rows(path, rows, names)
     logging.info(
-        "Wrote the guidance sweep (rows w = %s, columns classes %s) to %s.", weights, classes, path
+        "Wrote the guidance sweep (rows %s, columns classes %s) to %s.", names, classes, path
     )
     return path
 
@@ -65,22 +70,37 @@ def write_guidance_sweep(exp: Experiment, params, out_dir: str, key) -> str:
 def sample(config, workdir: str) -> dict:
     workdir, mesh = prepare(config, workdir, "sample")
     exp = Experiment(config, mesh)
+    if config.sample.classifier_scale > 0:  # load and check before anything compiles
+        classifier_exp, classifier_params = load_classifier(config.sample.classifier_workdir, mesh)
+        check_guidance_classifier(exp, classifier_exp)
+        if classifier_exp.config.classifier.noise == "none":
+            logging.warning(
+                "%s is a clean classifier (t = 0): its gradients on noisy x_t guide poorly; "
+                "train one with classifier.noise='diffusion' for guidance.",
+                config.sample.classifier_workdir,
+            )
+        exp.attach_classifier(classifier_exp, classifier_params)
     state, step = restore_latest(exp, workdir)
     key = jax.random.PRNGKey(config.sample.seed)
     out_dir = os.path.join(workdir, "samples")
     s = config.sample
     logging.info(
-        "Sampling %d images with %s (%s steps) from step %d...",
+        "Sampling %d images with %s (%s steps) from step %d%s...",
         s.num,
         s.sampler,
         s.num_steps or exp.schedule.num_steps,
         step,
+        f", classifier guidance s={s.classifier_scale:g}" if exp.classifier else "",
     )
     samples, traj, traj_times = exp.generate(
         state["ema_params"], s.num, key, num_trajectory=s.num_strip
     )
     samples_u8 = np.asarray(pipeline.to_uint8(samples))
     stem = f"sample_step_{step:06d}_{s.sampler}_{s.num_steps or exp.schedule.num_steps}"
+    if config.model.num_classes and config.train.p_uncond > 0:
+        stem += f"_w{s.guidance_scale:g}"
+    if exp.classifier:
+        stem += f"_s{s.classifier_scale:g}"
     images.save_grid(os.path.join(out_dir, stem + ".png"), samples_u8)
     np.savez_compressed(os.path.join(out_dir, stem + ".npz"), images=samples_u8)
 
@@ -95,7 +115,7 @@ def sample(config, workdir: str) -> dict:
     fwd, fwd_t = forward_strip(exp, real, s.num_strip + 1, jax.random.fold_in(key, 1))
     images.save_labelled_rows(os.path.join(out_dir, "forward_strip.png"), [fwd], ["q(x_t|x_0)"])
     images.save_labelled_rows(os.path.join(out_dir, "reverse_strip.png"), [rev], ["p(x_t-1|x_t)"])
-    if config.model.num_classes:
+    if exp.num_labels:
         write_guidance_sweep(exp, state["ema_params"], out_dir, jax.random.fold_in(key, 2))
     logging.info(
         "Forward strip at t = %s; reverse strip at t = %s.",

@@ -101,19 +101,34 @@ def prepare(config, workdir: str, mode: str):
             "config.model.cond_dim > 0: training on vector conditions needs a source of "
             "embeddings, which the training app does not provide yet; set it to 0."
         )
+    if config.get("task") == "classifier" and mode == "sample":
+        raise ConfigError(
+            "A classifier (config.task='classifier') has nothing to sample; use --mode=eval for "
+            "its test accuracy, or pass its workdir as sample.classifier_workdir of a model."
+        )
     workdir_lib.check_resume_compatible(workdir, config)
     return workdir, mesh
+
+
+def make_experiment(config, mesh) -> Experiment:
+    """The task's experiment: diffusion (Experiment) or classifier (ClassifierExperiment)."""
+    if config.get("task", "diffusion") == "classifier":
+        from diffax_lab.classifier import ClassifierExperiment
+
+        return ClassifierExperiment(config, mesh)
+    return Experiment(config, mesh)
 
 
 def train(config, workdir: str) -> dict:
     """Trains; returns the final train state (on the devices)."""
     workdir, mesh = prepare(config, workdir, "train")
-    exp = Experiment(config, mesh)
+    exp = make_experiment(config, mesh)
     imgs, labels = load_train_data(config)
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_config(workdir, config)
     logging.info(
-        "U-Net with %.2fM parameters; %d training images; %d device(s).",
+        "%s with %.2fM parameters; %d training images; %d device(s).",
+        type(exp.model).__name__,
         exp.count_params() / 1e6,
         imgs.shape[0],
         mesh.devices.size,

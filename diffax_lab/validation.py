@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     pass
 
 
+TASKS = ("diffusion", "classifier")
+
+
 def _get(config, field):
     node = config
     for part in field.split("."):
@@ -56,6 +59,9 @@ def _choice(config, field, choices):
 
 def validate_config(config) -> None:
     """Raises ConfigError naming the first bad field."""
+    task = config.get("task", "diffusion")
+    if task not in TASKS:
+        raise ConfigError(f"config.task={task!r} must be one of {list(TASKS)}.")
     _number(config, "seed", low=0, integer=True)
     _choice(config, "data.source", SOURCES)
     _number(config, "data.image_size", low=1, integer=True)
@@ -141,14 +147,24 @@ def validate_config(config) -> None:
                 f"config.sample.sweep_scales={config.sample.sweep_scales!r} "
                 "must be finite numbers >= 0."
             )
+    _number(config, "sample.classifier_scale", low=0.0)
+    guided = config.sample.classifier_scale > 0
+    if guided and not config.sample.classifier_workdir:
+        raise ConfigError(
+            "config.sample.classifier_scale > 0 needs config.sample.classifier_workdir: the "
+            "workdir of a classifier trained with configs/classifier.py."
+        )
     labels = tuple(config.sample.labels)
     k = config.model.num_classes
-    if labels and not k:
+    if labels and not (k or guided):
         raise ConfigError(
-            "config.sample.labels is set but the model is unconditional (model.num_classes=0)."
+            "config.sample.labels is set but the model is unconditional (model.num_classes=0) "
+            "and no classifier guides it (sample.classifier_scale=0)."
         )
-    if any(not isinstance(y, int) or not 0 <= y < k for y in labels):
+    if k and any(not isinstance(y, int) or not 0 <= y < k for y in labels):
         raise ConfigError(f"config.sample.labels={labels!r} must be integers in [0, {k}).")
+    if any(not isinstance(y, int) or y < 0 for y in labels):
+        raise ConfigError(f"config.sample.labels={labels!r} must be integers >= 0.")
     if config.sample.guidance_scale > 0 and not (k and config.train.p_uncond > 0):
         raise ConfigError(
             "config.sample.guidance_scale > 0 needs a class-conditional model trained with "
@@ -157,3 +173,23 @@ def validate_config(config) -> None:
 
     _number(config, "eval.num_examples", low=1, integer=True)
     _number(config, "eval.batch_size", low=1, integer=True)
+    if task == "classifier":
+        _validate_classifier(config)
+
+
+def _validate_classifier(config) -> None:
+    from diffax_lab.classifier import NOISES
+
+    if "classifier" not in config:
+        raise ConfigError("config.task='classifier' needs a config.classifier section.")
+    _choice(config, "classifier.noise", NOISES)
+    if config.train.sample_every:
+        raise ConfigError("A classifier draws nothing: set config.train.sample_every=0.")
+    _number(config, "model.num_classes", low=2, integer=True)
+    if config.model.cond_dim or config.train.p_uncond:
+        raise ConfigError(
+            "A classifier takes no condition: set model.cond_dim=0 and train.p_uncond=0."
+        )
+    for t in tuple(config.eval.get("times", (0.0,))):
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 1:
+            raise ConfigError(f"config.eval.times={tuple(config.eval.times)!r} must lie in [0, 1].")

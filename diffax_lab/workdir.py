@@ -13,6 +13,8 @@ from diffax_lab.validation import ConfigError
 
 # Sections (and fields) that define the shape and meaning of the saved state.
 STATE_DEFINING = (
+    "task",
+    "classifier.noise",
     "model",
     "diffusion",
     "data.image_size",

@@ -39,3 +39,14 @@ def test_ddpm_cifar10_unet_is_12_4_gflop_per_image():
     x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,))
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t))
     assert count_flops(model.apply, params, x, t) / 1e9 == pytest.approx(12.4, rel=0.01)
+
+
+def test_guidance_benchmark_run_specs():
+    from benchmarks.guidance_accuracy import parse_run
+
+    assert parse_run("ddim:50:w=1") == {"sampler": "ddim", "num_steps": 50, "w": 1.0, "s": 0.0}
+    assert parse_run("ddpm:0:s=3") == {"sampler": "ddpm", "num_steps": 0, "w": 0.0, "s": 3.0}
+    with pytest.raises(ValueError, match=r"options are w=W and s=S"):
+        parse_run("ddim:10:x=1")
+    with pytest.raises(ValueError, match=r"must be SAMPLER:STEPS"):
+        parse_run("ddim")

@@ -182,7 +182,7 @@ def test_class_conditional_cfg_sampling(fake_data, tmp_path):
     with Image.open(os.path.join(workdir, "samples", "guidance_sweep.png")) as img:
         # 2 rows (w = 0, 2) by 4 columns (labels 0, 1, 7, 9) of 32x32 tiles, scaled 2x.
         assert img.size[1] == 2 * (2 * 34 + 2) and img.size[0] > 2 * (4 * 34 + 2)
-    npz = np.load(os.path.join(workdir, "samples", "sample_step_000004_ddpm_100.npz"))
+    npz = np.load(os.path.join(workdir, "samples", "sample_step_000004_ddpm_100_w2.npz"))
     assert npz["images"].shape == (4, 32, 32, 1)
 
 

@@ -115,3 +115,33 @@ def test_guidance_needs_a_trained_null_label():
         ConfigError, match=r"config.sample.labels=\(3, 10\) must be integers in \[0, 10\)"
     ):
         validate_config(config)
+
+
+def test_classifier_configs_are_valid_and_checked():
+    for arg in (None, "clean", "cpu", "cpu,clean", "tiny"):
+        validate_config(load_config("classifier.py", arg))
+    config = load_config("classifier.py", "tiny")
+    config.classifier.noise = "gaussian"
+    with pytest.raises(ConfigError, match=r"config.classifier.noise='gaussian' must be one of"):
+        validate_config(config)
+    config = load_config("classifier.py", "tiny")
+    config.model.num_classes = 1
+    with pytest.raises(ConfigError, match=r"config.model.num_classes=1 is outside"):
+        validate_config(config)
+    with pytest.raises(ValueError, match=r"Unknown variant\(s\) \['gpu'\]"):
+        load_config("classifier.py", "tiny,gpu")
+
+
+def test_classifier_guidance_needs_a_classifier_workdir(tmp_path):
+    config = load_config()
+    config.sample.classifier_scale = 2.0
+    with pytest.raises(ConfigError, match=r"needs config.sample.classifier_workdir"):
+        validate_config(config)
+    config.sample.classifier_workdir = str(tmp_path / "nothing")
+    validate_config(config)  # the directory itself is checked when sampling loads it
+    from diffax_lab import sampling
+
+    write_fake_idx(tmp_path / "data")
+    config.data.dir = str(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"config.sample.classifier_workdir=.*no config.json"):
+        sampling.sample(config, str(tmp_path / "run"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from diffax_lab.models.classifier import Classifier
 from diffax_lab.models.unet import UNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -47,5 +48,25 @@ def get_model(model_config, out_channels: int) -> UNet:
         upsample_output_padding=c.upsample_output_padding,
         num_classes=c.num_classes,
         cond_dim=c.cond_dim,
+        dtype=DTYPES[c.dtype],
+    )
+
+
+def get_classifier(model_config) -> Classifier:
+    """The noise-conditioned classifier from a classifier config's ``model`` section."""
+    c = model_config
+    if c.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {c.dtype!r}.")
+    return Classifier(
+        num_classes=c.num_classes,
+        base_channels=c.base_channels,
+        channel_mult=tuple(c.channel_mult),
+        num_res_blocks=c.num_res_blocks,
+        attention_resolutions=tuple(c.attention_resolutions),
+        attention_heads=c.attention_heads,
+        dropout=c.dropout,
+        num_groups=c.num_groups,
+        activation=c.activation,
+        downsample=c.downsample,
         dtype=DTYPES[c.dtype],
     )
