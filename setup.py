@@ -23,5 +23,8 @@ setup(
         "dev": ["pytest>=8,<10", "ruff>=0.6,<0.20"],
         "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.16,<3"],
         "tensorboard": ["tensorboardX>=2.6,<3"],
+        # The PyTorch peer of benchmarks/diffusers_peer.py (and its test). Install torch first
+        # (`pip install torch==2.13.0` takes the CPU build; GPU images bring their own).
+        "peer": ["torch>=2.4,<3", "diffusers>=0.35,<0.43"],
     },
 )
