@@ -1,0 +1,23 @@
+"""Sample-quality and likelihood metrics, in JAX (pure functions of features or a model_fn).
+
+- ``frechet``: feature statistics and the Fréchet distance (FID's formula in any feature space);
+- ``kid``: kernel distance, the unbiased polynomial-kernel MMD^2 over subsets;
+- ``precision_recall``: improved precision and recall (Kynkäänniemi et al. 2019);
+- ``likelihood``: bits/dim from DDPM's discrete-time variational bound;
+- ``features``: feature extractors (the lab's clean classifier; an interface for others)
+  and the cache of reference features of real data.
+"""
+
+from diffax_lab.metrics.frechet import feature_statistics, frechet_distance
+from diffax_lab.metrics.kid import kernel_distance
+from diffax_lab.metrics.likelihood import bits_per_dim, vlb_terms
+from diffax_lab.metrics.precision_recall import precision_recall
+
+__all__ = [
+    "bits_per_dim",
+    "feature_statistics",
+    "frechet_distance",
+    "kernel_distance",
+    "precision_recall",
+    "vlb_terms",
+]
