@@ -108,6 +108,19 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.eval = ConfigDict()
     config.eval.num_examples = 2048  # test images for the held-out loss
     config.eval.batch_size = 256
+    # Sample metrics (FD, KID, precision/recall; accuracy for labelled samples) in the feature
+    # space of the clean classifier trained in judge_workdir (configs/classifier.py:clean);
+    # '' = skip them. Samples are drawn with the sample section's sampler and guidance.
+    config.eval.judge_workdir = ""
+    config.eval.num_samples = 1000  # generated images per evaluation
+    config.eval.num_reference = 10_000  # real test images (the reference set, cached)
+    config.eval.kid_subset_size = 1000
+    config.eval.kid_num_subsets = 100
+    config.eval.pr_k = 3  # k of the k-NN manifolds of precision/recall
+    config.eval.floor = True  # also: real train images vs the reference (the metrics' floor)
+    config.eval.bpd_num_examples = 0  # test images for bits/dim (0 = skip)
+    config.eval.bpd_num_terms = 0  # 0 = all T terms of the bound, else stratified n of them
+    config.eval.every_steps = 0  # > 0: sample metrics during training, into metrics.jsonl
 
     if arg in (None, ""):
         return config

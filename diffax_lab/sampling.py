@@ -67,19 +67,24 @@ def write_guidance_sweep(exp: Experiment, params, out_dir: str, key) -> str:
     return path
 
 
+def attach_guidance_classifier(exp: Experiment, config, mesh) -> None:
+    """Loads and checks sample.classifier_workdir's classifier for classifier guidance."""
+    classifier_exp, classifier_params = load_classifier(config.sample.classifier_workdir, mesh)
+    check_guidance_classifier(exp, classifier_exp)
+    if classifier_exp.config.classifier.noise == "none":
+        logging.warning(
+            "%s is a clean classifier (t = 0): its gradients on noisy x_t guide poorly; "
+            "train one with classifier.noise='diffusion' for guidance.",
+            config.sample.classifier_workdir,
+        )
+    exp.attach_classifier(classifier_exp, classifier_params)
+
+
 def sample(config, workdir: str) -> dict:
     workdir, mesh = prepare(config, workdir, "sample")
     exp = Experiment(config, mesh)
     if config.sample.classifier_scale > 0:  # load and check before anything compiles
-        classifier_exp, classifier_params = load_classifier(config.sample.classifier_workdir, mesh)
-        check_guidance_classifier(exp, classifier_exp)
-        if classifier_exp.config.classifier.noise == "none":
-            logging.warning(
-                "%s is a clean classifier (t = 0): its gradients on noisy x_t guide poorly; "
-                "train one with classifier.noise='diffusion' for guidance.",
-                config.sample.classifier_workdir,
-            )
-        exp.attach_classifier(classifier_exp, classifier_params)
+        attach_guidance_classifier(exp, config, mesh)
     state, step = restore_latest(exp, workdir)
     key = jax.random.PRNGKey(config.sample.seed)
     out_dir = os.path.join(workdir, "samples")

@@ -134,6 +134,13 @@ def train(config, workdir: str) -> dict:
         mesh.devices.size,
     )
 
+    judge = None
+    every_eval = config.eval.get("every_steps", 0) if config.get("task") != "classifier" else 0
+    if every_eval:  # periodic sample metrics: load the judge before anything compiles
+        from diffax_lab import evaluate
+
+        judge = evaluate.load_judge(config, mesh)
+
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -225,6 +232,18 @@ def train(config, workdir: str) -> dict:
         if every(done, config.train.sample_every) or (done == total and config.train.sample_every):
             write_samples(exp, state["ema_params"], workdir, done, sample_key)
             last_time, last_step = time.perf_counter(), done  # sampling is not training time
+        if every(done, every_eval):
+            report = evaluate.sample_metrics(
+                exp, state["ema_params"], judge, workdir, jax.random.fold_in(sample_key, done)
+            )
+            numeric = {
+                f"eval_{k}": v
+                for k, v in report.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            writer.write(done, numeric)
+            logging.info("Step %d sample metrics (%s): %s", done, judge.name, numeric)
+            last_time, last_step = time.perf_counter(), done
     ckpt.close()
     writer.close()
     logging.info("Trained to step %d; checkpoints in %s.", total, ckpt.directory)

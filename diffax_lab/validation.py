@@ -173,6 +173,29 @@ def validate_config(config) -> None:
 
     _number(config, "eval.num_examples", low=1, integer=True)
     _number(config, "eval.batch_size", low=1, integer=True)
+    e = config.eval
+    if "num_samples" in e:  # the diffusion task's sample metrics
+        _number(config, "eval.num_samples", low=2, integer=True)
+        _number(config, "eval.num_reference", low=2, integer=True)
+        _number(config, "eval.kid_subset_size", low=2, integer=True)
+        _number(config, "eval.kid_num_subsets", low=1, integer=True)
+        _number(config, "eval.pr_k", low=1, integer=True)
+        _number(config, "eval.bpd_num_examples", low=0, integer=True)
+        _number(config, "eval.bpd_num_terms", low=0, integer=True)
+        if e.bpd_num_terms == 1:
+            raise ConfigError(
+                "config.eval.bpd_num_terms=1 cannot estimate the bound; use 0 (all T) or >= 2."
+            )
+        _number(config, "eval.every_steps", low=0, integer=True)
+        if e.every_steps and not e.judge_workdir:
+            raise ConfigError(
+                "config.eval.every_steps > 0 computes sample metrics, which need "
+                "config.eval.judge_workdir (a clean classifier, configs/classifier.py:clean)."
+            )
+        if e.num_samples <= e.pr_k or e.num_reference <= e.pr_k:
+            raise ConfigError(
+                f"config.eval.num_samples and num_reference must exceed eval.pr_k={e.pr_k}."
+            )
     if task == "classifier":
         _validate_classifier(config)
 

@@ -78,14 +78,23 @@ def prior_bpd(schedule: DiscreteSchedule, x0):
 
 
 def vlb_term(
-    model_fn, schedule, x0, index, noise, prediction="eps", variance="beta_tilde", clip_x0=True
+    model_fn,
+    schedule,
+    x0,
+    index,
+    noise,
+    prediction="eps",
+    variance="beta_tilde",
+    clip_x0=True,
+    model_args=None,
 ):
     """The term of step ``index`` [B] (0-based, per image: 0 is L_0, i > 0 is L_i) in
-    bits/dim, [B]."""
+    bits/dim, [B]. ``model_fn(x_t, t)``, or ``model_fn(x_t, t, model_args)`` when given."""
     ab = schedule.alphas_cumprod[index]
     ab_prev = schedule.alphas_cumprod_prev[index]
     x_t = process.q_sample(x0, ab, noise)
-    out = model_fn(x_t, schedule.times[index])
+    t = schedule.times[index]
+    out = model_fn(x_t, t) if model_args is None else model_fn(x_t, t, model_args)
     x0_hat, _ = process.to_x0_and_eps(prediction, out.astype(jnp.float32), x_t, ab)
     if clip_x0:
         x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
@@ -122,6 +131,7 @@ def vlb_terms(
     variance="beta_tilde",
     clip_x0=True,
     num_terms=None,
+    model_args=None,
 ):
     """(prior [B], terms [B, n], weights [n]) in bits/dim for images x0 in [-1, 1].
 
@@ -137,7 +147,10 @@ def vlb_terms(
         k_step, k_noise = jax.random.split(jax.random.fold_in(key, j))
         index = start + jax.random.randint(k_step, (b,), 0, size)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        return carry, vlb_term(model_fn, schedule, x0, index, noise, prediction, variance, clip_x0)
+        term = vlb_term(
+            model_fn, schedule, x0, index, noise, prediction, variance, clip_x0, model_args
+        )
+        return carry, term
 
     blocks = (jnp.arange(len(starts)), jnp.asarray(starts), jnp.asarray(sizes))
     _, terms = jax.lax.scan(one, None, blocks)
@@ -153,11 +166,14 @@ def bits_per_dim(
     variance="beta_tilde",
     clip_x0=True,
     num_terms=None,
+    model_args=None,
 ):
     """Per-image bits/dim [B] (numpy): L_T + sum of L_{t-1} + L_0, over all T terms or
-    estimated from ``num_terms`` stratified ones (see ``vlb_terms``)."""
+    estimated from ``num_terms`` stratified ones (see ``vlb_terms``). ``model_fn`` is a
+    static (hashed) argument: pass what changes between calls (parameters, labels) as
+    ``model_args``, so one compiled program serves every batch."""
     prior, terms, weights = vlb_terms(
-        model_fn, schedule, x0, key, prediction, variance, clip_x0, num_terms
+        model_fn, schedule, x0, key, prediction, variance, clip_x0, num_terms, model_args
     )
     terms = np.asarray(terms, np.float64) @ np.asarray(weights, np.float64)
     return np.asarray(prior, np.float64) + terms
