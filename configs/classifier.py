@@ -75,7 +75,7 @@ def get_config(arg: str | None = None):
     if size == "cpu":
         m.num_res_blocks = 1
         t.batch_size = 64
-        t.num_steps = 1200 if "clean" in variants else 2000
+        t.num_steps = 1200
         t.checkpoint_every = 1000
     elif size == "tiny":
         m.base_channels = 16

@@ -80,6 +80,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.tensorboard = False  # also write TensorBoard events (needs tensorboardX)
     config.train.progress_bar = True
+    # Steps whose loss, gradients or updated parameters are not finite are skipped (state
+    # unchanged) and counted in metrics.jsonl ("skipped"); this many in a row stop the run.
+    config.train.max_consecutive_skips = 10
+    config.train.fault_nan_steps = ()  # testing aid: steps whose loss is forced to NaN
 
     config.sample = ConfigDict()
     config.sample.num = 64  # images in the grid and the .npz

@@ -42,6 +42,16 @@ def make_optimizer(optim_config, num_steps: int):
     return optax.chain(*parts, opt), lr
 
 
+def tree_all_finite(tree):
+    """One boolean: every element of every floating leaf is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 @dataclasses.dataclass
 class Experiment:
     config: object
@@ -145,6 +155,7 @@ class Experiment:
         c = self.config
         B = c.train.batch_size
         decay = c.optim.ema_decay
+        faults = tuple(c.train.get("fault_nan_steps", ()))
 
         def train_step(state, images, labels):
             step = state["step"]
@@ -160,24 +171,36 @@ class Experiment:
             x0 = jax.lax.with_sharding_constraint(x0, self.batch_sharding)
 
             def loss_of(params):
-                return self.train_loss(params, x0, labels, loss_keys)
+                loss, aux = self.train_loss(params, x0, labels, loss_keys)
+                if faults:  # fault injection (train.fault_nan_steps): NaN loss and grads
+                    loss = loss * jnp.where(jnp.isin(step, jnp.asarray(faults)), jnp.nan, 1.0)
+                return loss, aux
 
             (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+            grad_norm = optax.tree_utils.tree_norm(grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             ema = jax.tree.map(
                 lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params
             )
+            # Non-finite guard: a step whose loss, gradients or new parameters are not finite
+            # leaves parameters, EMA and optimizer state as they were (the batch is skipped).
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(params)
+
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
             metrics = {
                 "loss": loss,
-                "grad_norm": optax.tree_utils.tree_norm(grads),
+                "grad_norm": grad_norm,
                 "lr": self.lr_fn(step),
+                "skipped": (~finite).astype(jnp.float32),
                 **aux,
             }
             new_state = {
-                "params": params,
-                "ema_params": ema,
-                "opt_state": opt_state,
+                "params": keep(params, state["params"]),
+                "ema_params": keep(ema, state["ema_params"]),
+                "opt_state": keep(opt_state, state["opt_state"]),
                 "step": step + 1,
                 "rng": state["rng"],
             }

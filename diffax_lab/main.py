@@ -47,6 +47,10 @@ def main(argv):
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # train.NonFiniteError: the run diverged
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -20,8 +21,12 @@ from tqdm import tqdm
 from diffax_lab import checkpointing, data, images, sharding
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.data import pipeline
-from diffax_lab.experiment import Experiment
+from diffax_lab.experiment import Experiment, tree_all_finite
 from diffax_lab.validation import ConfigError, validate_config
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped: too many consecutive non-finite steps."""
 
 
 def every(step: int, n: int) -> bool:
@@ -180,6 +185,7 @@ def train(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, start, config.train.tensorboard)
     sample_key = jax.random.PRNGKey(config.sample.seed)
     pending: list = []  # per-step metrics still on the device
+    consecutive_skips = total_skips = 0
     last_time, last_step = None, start
 
     def flush(step):
@@ -187,16 +193,37 @@ def train(config, workdir: str) -> dict:
         nonlocal pending, last_time, last_step
         if not pending:
             return
+        nonlocal consecutive_skips, total_skips
         fetched = jax.device_get(pending)
         pending = []
-        losses = np.array([m["loss"] for m in fetched])
-        if not np.all(np.isfinite(losses)):
-            bad = step - len(fetched) + int(np.argmin(np.isfinite(losses))) + 1
-            raise FloatingPointError(
-                f"Non-finite loss at step {bad}; no checkpoint after step {ckpt.latest_step()} "
-                "was written. Lower optim.lr or raise optim.warmup_steps, then re-run to resume."
-            )
-        mean = {k: float(np.nanmean([m[k] for m in fetched])) for k in fetched[0]}
+        first = step - len(fetched) + 1
+        for i, m in enumerate(fetched):
+            if m["skipped"]:
+                consecutive_skips += 1
+                total_skips += 1
+                logging.warning("Step %d: non-finite loss or gradients; skipped.", first + i)
+            else:
+                consecutive_skips = 0
+            if consecutive_skips >= config.train.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{consecutive_skips} consecutive non-finite steps up to step {first + i} "
+                    f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); "
+                    f"the last checkpoint (step {ckpt.latest_step()}) holds finite parameters. "
+                    "Lower optim.lr or raise optim.warmup_steps, then re-run to resume."
+                )
+        # Means over the steps that trained (a window of skipped steps logs only counts);
+        # NaN entries (mse_q* of an empty quartile) are left out of the line.
+        good = [m for m in fetched if not m["skipped"]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = {
+                k: float(np.nanmean([m[k] for m in good]))
+                for k in fetched[0]
+                if good and k != "skipped"
+            }
+        mean = {k: v for k, v in mean.items() if np.isfinite(v)}
+        mean["skipped"] = float(sum(m["skipped"] for m in fetched))
+        mean["skipped_total"] = float(total_skips)
         now = time.perf_counter()
         if last_time is not None and step > last_step:
             mean["images_per_sec"] = (
@@ -224,10 +251,13 @@ def train(config, workdir: str) -> dict:
             mean = flush(done)
             if mean:
                 progress.set_postfix(
-                    loss=f"{mean['loss']:.4f}", img_s=f"{mean.get('images_per_sec', 0):.0f}"
+                    loss=f"{mean.get('loss', float('nan')):.4f}",
+                    img_s=f"{mean.get('images_per_sec', 0):.0f}",
                 )
         if every(done, config.train.checkpoint_every) or done == total:
             flush(done)  # never save a state whose losses were not checked
+            if not bool(tree_all_finite(state)):  # the guard makes this unreachable; be sure
+                raise NonFiniteError(f"Non-finite parameters at step {done}; not saved.")
             ckpt.save(done, state)
         if every(done, config.train.sample_every) or (done == total and config.train.sample_every):
             write_samples(exp, state["ema_params"], workdir, done, sample_key)

@@ -123,6 +123,12 @@ def validate_config(config) -> None:
     for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _number(config, "train." + f, low=1, integer=True)
     _number(config, "train.sample_every", low=0, integer=True)
+    _number(config, "train.max_consecutive_skips", low=1, integer=True)
+    faults = tuple(config.train.fault_nan_steps)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in faults):
+        raise ConfigError(
+            f"config.train.fault_nan_steps={faults!r} must be step numbers (integers >= 0)."
+        )
     if config.train.p_uncond > 0 and not (config.model.num_classes or config.model.cond_dim):
         raise ConfigError(
             "config.train.p_uncond > 0 drops the condition, but the model is unconditional; "
