@@ -114,12 +114,11 @@ def load_classifier(workdir: str, mesh, field: str = "config.sample.classifier_w
         )
     exp = ClassifierExperiment(config, mesh)
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise ConfigError(f"{field}={workdir!r} has no checkpoint yet; train it first.")
-    state = ckpt.restore(step, exp.restore_target)
+    state, step = ckpt.restore_latest_good(exp.restore_target)
     ckpt.close()
+    if step is None:
+        raise ConfigError(f"{field}={workdir!r} has no usable checkpoint; train it first.")
+    exp.restored_step = step
     return exp, state["ema_params"]
 
 

@@ -19,15 +19,13 @@ from diffax_lab.train import prepare
 
 def restore_latest(exp: Experiment, workdir: str):
     ckpt = checkpointing.Checkpointer(workdir, exp.config.train.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise FileNotFoundError(
-            f"No checkpoint in {ckpt.directory}; train first with --mode=train and the same "
-            "--workdir."
-        )
-    state = ckpt.restore(step, exp.restore_target)
+    state, step = ckpt.restore_latest_good(exp.restore_target)
     ckpt.close()
+    if step is None:
+        raise FileNotFoundError(
+            f"No usable checkpoint in {ckpt.directory}; train first with --mode=train and the "
+            "same --workdir."
+        )
     return state, step
 
 

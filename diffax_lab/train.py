@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 import warnings
 
@@ -147,10 +149,9 @@ def train(config, workdir: str) -> dict:
         judge = evaluate.load_judge(config, mesh)
 
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    latest = ckpt.latest_step()
+    state, latest = ckpt.restore_latest_good(exp.restore_target)
     if latest is not None:
         logging.info("Resuming from the checkpoint at step %d in %s.", latest, ckpt.directory)
-        state = ckpt.restore(latest, exp.restore_target)
     else:
         state = exp.create_state()
     start = int(jax.device_get(state["step"]))
@@ -240,44 +241,94 @@ def train(config, workdir: str) -> dict:
         desc="train",
         disable=not config.train.progress_bar or jax.process_index() != 0,
     )
-    for step in progress:
-        state, metrics = train_step(state, *batch_for(step))
-        pending.append(metrics)
-        done = step + 1
-        if done == start + 1:  # start the throughput clock after the first step
-            jax.block_until_ready(metrics)
-            last_time, last_step = time.perf_counter(), done
-        if every(done, config.train.log_every) or done == total:
-            mean = flush(done)
-            if mean:
-                progress.set_postfix(
-                    loss=f"{mean.get('loss', float('nan')):.4f}",
-                    img_s=f"{mean.get('images_per_sec', 0):.0f}",
+    preempt = PreemptionWatch(ckpt)
+    try:
+        for step in progress:
+            state, metrics = train_step(state, *batch_for(step))
+            pending.append(metrics)
+            done = step + 1
+            if preempt.requested(done) and done != total:
+                flush(done)
+                if not bool(tree_all_finite(state)):
+                    raise NonFiniteError(f"Non-finite parameters at step {done}; not saved.")
+                ckpt.save(done, state)
+                ckpt.wait()  # the asynchronous save is complete before the process exits
+                logging.warning(
+                    "Preempted (SIGTERM): saved step %d in %s; re-run the same command to resume.",
+                    done,
+                    ckpt.directory,
                 )
-        if every(done, config.train.checkpoint_every) or done == total:
-            flush(done)  # never save a state whose losses were not checked
-            if not bool(tree_all_finite(state)):  # the guard makes this unreachable; be sure
-                raise NonFiniteError(f"Non-finite parameters at step {done}; not saved.")
-            ckpt.save(done, state)
-        if every(done, config.train.sample_every) or (done == total and config.train.sample_every):
-            write_samples(exp, state["ema_params"], workdir, done, sample_key)
-            last_time, last_step = time.perf_counter(), done  # sampling is not training time
-        if every(done, every_eval):
-            report = evaluate.sample_metrics(
-                exp, state["ema_params"], judge, workdir, jax.random.fold_in(sample_key, done)
-            )
-            numeric = {
-                f"eval_{k}": v
-                for k, v in report.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-            writer.write(done, numeric)
-            logging.info("Step %d sample metrics (%s): %s", done, judge.name, numeric)
-            last_time, last_step = time.perf_counter(), done
-    ckpt.close()
-    writer.close()
+                return state
+            if done == start + 1:  # start the throughput clock after the first step
+                jax.block_until_ready(metrics)
+                last_time, last_step = time.perf_counter(), done
+            if every(done, config.train.log_every) or done == total:
+                mean = flush(done)
+                if mean:
+                    progress.set_postfix(
+                        loss=f"{mean.get('loss', float('nan')):.4f}",
+                        img_s=f"{mean.get('images_per_sec', 0):.0f}",
+                    )
+            if every(done, config.train.checkpoint_every) or done == total:
+                flush(done)  # never save a state whose losses were not checked
+                if not bool(tree_all_finite(state)):  # the guard makes this unreachable; be sure
+                    raise NonFiniteError(f"Non-finite parameters at step {done}; not saved.")
+                ckpt.save(done, state)
+            if every(done, config.train.sample_every) or (
+                done == total and config.train.sample_every
+            ):
+                write_samples(exp, state["ema_params"], workdir, done, sample_key)
+                last_time, last_step = time.perf_counter(), done  # sampling is not training time
+            if every(done, every_eval):
+                report = evaluate.sample_metrics(
+                    exp, state["ema_params"], judge, workdir, jax.random.fold_in(sample_key, done)
+                )
+                numeric = {
+                    f"eval_{k}": v
+                    for k, v in report.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+                writer.write(done, numeric)
+                logging.info("Step %d sample metrics (%s): %s", done, judge.name, numeric)
+                last_time, last_step = time.perf_counter(), done
+    finally:  # a failing run still completes its pending saves (the last good step)
+        ckpt.close()
+        writer.close()
+        preempt.restore()
     logging.info("Trained to step %d; checkpoints in %s.", total, ckpt.directory)
     return state
+
+
+class PreemptionWatch:
+    """SIGTERM -> save at the current step and exit 0.
+
+    One process: a SIGTERM handler sets a flag the loop reads after each step (orbax's own
+    check needs jax.distributed). Several processes (after jax.distributed.initialize):
+    orbax's ``reached_preemption``, which JAX's coordination service answers with the same
+    step on every process (its own SIGTERM notifier), so all save the same step together.
+    """
+
+    def __init__(self, ckpt: checkpointing.Checkpointer):
+        self.ckpt = ckpt
+        self.flag = False
+        self.previous = None
+        single = jax.process_count() == 1
+        if single and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(self.ckpt.manager.reached_preemption(step))
+        return self.flag
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def write_samples(exp: Experiment, params, workdir: str, step: int, key) -> str:

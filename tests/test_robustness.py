@@ -2,6 +2,11 @@
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -10,7 +15,7 @@ import pytest
 from diffax_lab import checkpointing, train
 from diffax_lab.experiment import Experiment
 from diffax_lab.sharding import make_mesh
-from tests.helpers import tiny_config, write_fake_idx
+from tests.helpers import ROOT, tiny_config, write_fake_idx
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +60,144 @@ def test_persistent_nan_stops_the_run_without_a_bad_checkpoint(fake_data, tmp_pa
     state = ckpt.restore(ckpt.latest_step(), exp.restore_target)
     ckpt.close()
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.fixture(scope="module")
+def straight(fake_data, tmp_path_factory):
+    """Four steps with checkpoints at 2 and 4: the reference for the recovery tests."""
+    workdir = tmp_path_factory.mktemp("straight")
+    state = train.train(tiny_config(fake_data), str(workdir))
+    return jax.device_get(state), str(workdir)
+
+
+def assert_same_state(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def largest_array_file(step_dir):
+    files = [
+        os.path.join(root, f)
+        for root, _, names in os.walk(step_dir)
+        for f in names
+        if os.sep + "d" + os.sep in os.path.join(root, f) + os.sep or root.endswith(os.sep + "d")
+    ]
+    return max(files, key=os.path.getsize)
+
+
+def flip_a_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def drop_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "default", "_METADATA"))
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "truncated", "no_metadata"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
+    fake_data, straight, tmp_path, capsys, damage
+):
+    ref, ref_dir = straight
+    workdir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, workdir)
+    step_dir = os.path.join(workdir, "checkpoints", "4")
+    if damage == "bit_flip":
+        flip_a_byte(largest_array_file(step_dir))
+    elif damage == "truncated":
+        truncate(largest_array_file(step_dir))
+    else:
+        drop_metadata(step_dir)
+    state = train.train(tiny_config(fake_data), workdir)  # restores 2, trains 2 -> 4 again
+    assert "checkpoint 4" in capsys.readouterr().out
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_corrupt", "4"))  # kept, not deleted
+    assert_same_state(ref, jax.device_get(state))
+    ckpt = checkpointing.Checkpointer(workdir)
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(fake_data, tmp_path):
+    workdir = str(tmp_path / "run")
+    args = [
+        "--config=configs/ddpm.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.dir={fake_data}",
+        "--config.data.num_examples=0",
+        "--config.train.num_steps=100000",
+        "--config.train.checkpoint_every=100000",
+        "--config.train.sample_every=0",
+        "--config.train.log_every=1",
+    ]
+    proc = start_cli(args)
+    wait_for_metrics(workdir, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ckpt = checkpointing.Checkpointer(workdir)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+    assert f"Preempted (SIGTERM): saved step {steps[0]}" in err
+
+
+def test_sigkill_during_saves_resumes_from_the_last_complete_one(fake_data, straight, tmp_path):
+    """Killed with SIGKILL while saving every step: the restart resumes from whatever
+    checkpoint was complete and ends bit-identical to the uninterrupted run."""
+    ref, _ = straight
+    workdir = str(tmp_path / "run")
+    common = [
+        "--config=configs/ddpm.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.dir={fake_data}",
+        "--config.data.num_examples=0",
+        "--config.train.sample_every=0",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=1",
+    ]
+    proc = start_cli([*common, "--config.train.num_steps=100000"])
+    wait_for_metrics(workdir, proc, min_step=2)
+    proc.kill()
+    proc.wait(timeout=60)
+    # The same run to 4 steps: it resumes (steps beyond 4 are never reached by the ref).
+    shutil.rmtree(os.path.join(workdir, "checkpoints_corrupt"), ignore_errors=True)
+    ckpt = checkpointing.Checkpointer(workdir)
+    resumed_from = ckpt.latest_step()
+    ckpt.close()
+    if resumed_from is not None and resumed_from > 4:
+        pytest.fail(f"the killed run got to step {resumed_from}; the check needs <= 4")
+    state = train.train(tiny_config(fake_data, **{"train.checkpoint_every": 1}), workdir)
+    assert_same_state(ref, jax.device_get(state))
+
+
+def start_cli(args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cache = env.get("DIFFAX_JAX_CACHE", os.path.join(ROOT, ".jax_cache"))
+    cmd = [sys.executable, "-m", "diffax_lab.main", f"--jax_cache_dir={cache}", *args]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_metrics(workdir, proc, min_step=1, timeout=240):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early: {proc.communicate()[1][-2000:]}")
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = [json.loads(x)["step"] for x in f if x.strip()]
+            if steps and max(steps) >= min_step:
+                return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no training step within the timeout")
