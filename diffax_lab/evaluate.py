@@ -23,6 +23,7 @@ from absl import logging
 from diffax_lab import data, metrics
 from diffax_lab.data import pipeline
 from diffax_lab.diffusion import process
+from diffax_lab.distributed import is_main_process
 from diffax_lab.experiment import Experiment
 from diffax_lab.metrics.features import reference_features
 from diffax_lab.sampling import attach_guidance_classifier, restore_latest
@@ -32,6 +33,8 @@ from diffax_lab.validation import ConfigError
 
 def write_report(workdir: str, step: int, report: dict) -> str:
     path = os.path.join(workdir, "eval", f"step_{step:06d}.json")
+    if not is_main_process():
+        return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

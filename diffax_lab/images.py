@@ -1,10 +1,12 @@
-"""Image grids and strips as PNG files (Pillow)."""
+"""Image grids and strips as PNG files (Pillow). Only process 0 writes (multi-process runs
+compute the images on every process)."""
 
 from __future__ import annotations
 
 import math
 import os
 
+import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -23,6 +25,8 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
 
 
 def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+    if jax.process_index() != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if scale > 1:
@@ -36,6 +40,8 @@ def save_grid(path: str, images: np.ndarray, ncols: int | None = None, scale: in
 
 def save_labelled_rows(path: str, rows: list[np.ndarray], labels: list[str], scale: int = 2):
     """One strip per row (each uint8 [N, H, W, C]) with a text label on its left."""
+    if jax.process_index() != 0:
+        return
     grid = make_grid(np.concatenate(rows), ncols=rows[0].shape[0])
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)

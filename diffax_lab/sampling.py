@@ -105,7 +105,8 @@ def sample(config, workdir: str) -> dict:
     if exp.classifier:
         stem += f"_s{s.classifier_scale:g}"
     images.save_grid(os.path.join(out_dir, stem + ".png"), samples_u8)
-    np.savez_compressed(os.path.join(out_dir, stem + ".npz"), images=samples_u8)
+    if jax.process_index() == 0:
+        np.savez_compressed(os.path.join(out_dir, stem + ".npz"), images=samples_u8)
 
     # Reverse strip: x_t fed to the network along the first sample's trajectory, then x_0.
     rev = np.concatenate([np.asarray(pipeline.to_uint8(traj[:, 0])), samples_u8[:1]])

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from diffax_lab import checkpointing, data, images, sharding
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.data import pipeline
+from diffax_lab.distributed import is_main_process
 from diffax_lab.experiment import Experiment, tree_all_finite
 from diffax_lab.validation import ConfigError, validate_config
 
@@ -40,6 +41,10 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, start_step: int, tensorboard: bool):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = is_main_process()  # process 0 writes for all
+        self.tb = None
+        if not self.enabled:
+            return
         # Lines past the checkpoint we resume from belong to a lost future: drop them.
         if os.path.exists(self.path):
             with open(self.path) as f:
@@ -48,13 +53,14 @@ class MetricsWriter:
                 ]
             with open(self.path, "w") as f:
                 f.writelines(keep)
-        self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # checked in check_optional_deps
 
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -103,6 +109,11 @@ def prepare(config, workdir: str, mode: str):
     mesh = sharding.make_mesh(config.train.num_devices or None)
     if mode == "train":
         sharding.check_batch_divides(config.train.batch_size, mesh)
+        if config.train.batch_size % jax.process_count():
+            raise ConfigError(
+                f"config.train.batch_size={config.train.batch_size} must be divisible by the "
+                f"{jax.process_count()} processes (each feeds batch_size / processes images)."
+            )
     if config.model.cond_dim and mode == "train":
         raise ConfigError(
             "config.model.cond_dim > 0: training on vector conditions needs a source of "
@@ -132,7 +143,8 @@ def train(config, workdir: str) -> dict:
     exp = make_experiment(config, mesh)
     imgs, labels = load_train_data(config)
     os.makedirs(workdir, exist_ok=True)
-    workdir_lib.write_config(workdir, config)
+    if is_main_process():
+        workdir_lib.write_config(workdir, config)
     logging.info(
         "%s with %.2fM parameters; %d training images; %d device(s).",
         type(exp.model).__name__,
@@ -172,10 +184,13 @@ def train(config, workdir: str) -> dict:
     def batch_for(step):
         if gather_in_step:
             return data_args
+        # Each process gathers only the rows its own devices hold (its slice of the batch).
         idx = np.asarray(host_indices(exp.data_key, step, n, config.train.batch_size))
-        return (
-            jax.device_put(imgs[idx], exp.batch_sharding),
-            jax.device_put(labels[idx], exp.batch_sharding),
+        return tuple(
+            jax.make_array_from_callback(
+                (len(idx), *a.shape[1:]), exp.batch_sharding, lambda i, a=a: a[idx[i[0]]]
+            )
+            for a in (imgs, labels)
         )
 
     logging.info("Compiling the train step (batch %d)...", config.train.batch_size)
@@ -335,6 +350,7 @@ def write_samples(exp: Experiment, params, workdir: str, step: int, key) -> str:
     num = exp.config.sample.num
     samples, _, _ = exp.generate(params, num, key)
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-    images.save_grid(path, np.asarray(pipeline.to_uint8(samples)))
+    if is_main_process():
+        images.save_grid(path, np.asarray(pipeline.to_uint8(samples)))
     logging.info("Wrote %d samples (EMA) to %s.", num, path)
     return path
