@@ -10,7 +10,9 @@ setup:
 train: setup
 	$(PYTHON) -m diffax_lab.main --config=configs/ddpm.py --workdir=$(WORKDIR)
 
-test: setup check
+test:
+	bash .ci/setup --test
+	$(MAKE) check
 
 # Lint, format check and the test suite (what CI runs after setup).
 check: lint
