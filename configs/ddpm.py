@@ -125,6 +125,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.eval.bpd_num_examples = 0  # test images for bits/dim (0 = skip)
     config.eval.bpd_num_terms = 0  # 0 = all T terms of the bound, else stratified n of them
     config.eval.every_steps = 0  # > 0: sample metrics during training, into metrics.jsonl
+    config.eval.checkpoint_step = 0  # --mode=eval on this saved step (0 = the latest)
 
     if arg in (None, ""):
         return config

@@ -31,8 +31,11 @@ from diffax_lab.train import prepare
 from diffax_lab.validation import ConfigError
 
 
-def write_report(workdir: str, step: int, report: dict) -> str:
-    path = os.path.join(workdir, "eval", f"step_{step:06d}.json")
+def write_report(workdir: str, step: int, report: dict, tag: str = "") -> str:
+    """DIR/eval/step_NNNNNN.json (the latest evaluation of that step), or with ``tag``
+    DIR/eval/step_NNNNNN_<tag>.json."""
+    name = f"step_{step:06d}" + (f"_{tag}" if tag else "") + ".json"
+    path = os.path.join(workdir, "eval", name)
     if not is_main_process():
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -228,7 +231,7 @@ def evaluate(config, workdir: str) -> dict:
             attach_guidance_classifier(exp, config, mesh)
     imgs, labels, bs = test_batches(config)
     n = len(imgs)
-    state, step = restore_latest(exp, workdir)
+    state, step = restore_latest(exp, workdir, config.eval.get("checkpoint_step", 0))
     null = config.model.num_classes
 
     @jax.jit
@@ -258,4 +261,11 @@ def evaluate(config, workdir: str) -> dict:
     if config.eval.bpd_num_examples:
         report.update(bits_per_dim_report(exp, state["ema_params"], jax.random.fold_in(key, 2)))
     write_report(workdir, step, report)
+    if judge is not None:  # one file per sampling setting, so no setting's result is lost
+        s = config.sample
+        tag = (
+            f"{s.sampler}{s.num_steps or exp.schedule.num_steps}_w{s.guidance_scale:g}"
+            f"_s{s.classifier_scale:g}_n{config.eval.num_samples}"
+        )
+        write_report(workdir, step, report, tag)
     return report

@@ -17,8 +17,18 @@ from diffax_lab.experiment import Experiment
 from diffax_lab.train import prepare
 
 
-def restore_latest(exp: Experiment, workdir: str):
+def restore_latest(exp: Experiment, workdir: str, step: int = 0):
+    """(state, step) of the newest good checkpoint, or of ``step`` when it is > 0."""
     ckpt = checkpointing.Checkpointer(workdir, exp.config.train.keep_checkpoints)
+    if step:
+        if step not in ckpt.all_steps():
+            ckpt.close()
+            raise FileNotFoundError(
+                f"No checkpoint at step {step} in {ckpt.directory}; it has {ckpt.all_steps()}."
+            )
+        state = ckpt.restore(step, exp.restore_target)
+        ckpt.close()
+        return state, step
     state, step = ckpt.restore_latest_good(exp.restore_target)
     ckpt.close()
     if step is None:

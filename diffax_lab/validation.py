@@ -193,6 +193,7 @@ def validate_config(config) -> None:
                 "config.eval.bpd_num_terms=1 cannot estimate the bound; use 0 (all T) or >= 2."
             )
         _number(config, "eval.every_steps", low=0, integer=True)
+        _number(config, "eval.checkpoint_step", low=0, integer=True)
         if e.every_steps and not e.judge_workdir:
             raise ConfigError(
                 "config.eval.every_steps > 0 computes sample metrics, which need "
