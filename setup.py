@@ -26,5 +26,8 @@ setup(
         # The PyTorch peer of benchmarks/diffusers_peer.py (and its test). Install torch first
         # (`pip install torch==2.13.0` takes the CPU build; GPU images bring their own).
         "peer": ["torch>=2.4,<3", "diffusers>=0.35,<0.43"],
+        # CLIP: the tokenizer (transformers' CLIPTokenizerFast), safetensors weights, and hub
+        # downloads when online. The tests also use transformers' PyTorch CLIPModel (+ torch).
+        "clip": ["transformers>=4.45,<6", "safetensors>=0.4,<1", "huggingface_hub>=0.24,<2"],
     },
 )

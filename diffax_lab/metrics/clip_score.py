@@ -1,0 +1,50 @@
+"""CLIP's image preprocessing in JAX, and the CLIP score (Hessel et al. 2021, as
+torchmetrics defines it): 100 * max(cos(E_image, E_text), 0) per image-caption pair.
+
+``clip_preprocess`` follows CLIPImageProcessor: resize the shorter side to the model's
+size (bicubic), centre crop, scale to [0, 1], normalise with CLIP's mean and std; grey
+images are repeated to three channels. (Its bicubic resize is JAX's, not PIL's: pixel
+values differ slightly from the PyTorch pipeline, by design of no Pillow inside jit.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images, size: int):
+    """uint8 [0, 255] or float [0, 1] images [B, H, W, C] (C = 1 or 3) -> [B, size, size, 3]."""
+    x = images.astype(jnp.float32)
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        x = x / 255.0
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    b, h, w, c = x.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = jax.image.resize(x, (b, nh, nw, c), method="bicubic")
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = jnp.clip(x[:, top : top + size, left : left + size], 0.0, 1.0)
+    return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def cosine(a, b):
+    a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
+    return jnp.sum(a * b, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("clip",))
+def clip_scores(clip, params, images, input_ids, attention_mask):
+    """Per-pair CLIP score [B] of images [B, H, W, C] (uint8 or [0, 1]) and their captions
+    (token ids [B, L] and mask from the CLIP tokenizer)."""
+    pixels = clip_preprocess(images, clip.config.vision.image_size)
+    img = clip.apply({"params": params}, pixels, method="encode_image")
+    txt = clip.apply({"params": params}, input_ids, attention_mask, method="encode_text")
+    return 100.0 * jnp.maximum(cosine(img, txt), 0.0)
