@@ -219,10 +219,32 @@ def load_judge(config, mesh):
     return judge
 
 
+def evaluate_clip(config, workdir: str, mesh) -> dict:
+    """Zero-shot test accuracy with "a photo of a {class}" prompts (EMA weights)."""
+    from diffax_lab.clip_task import ClipExperiment
+
+    exp = ClipExperiment(config, mesh)
+    imgs, labels, bs = test_batches(config)
+    state, step = restore_latest(exp, workdir, config.eval.get("checkpoint_step", 0))
+    acc = exp.zero_shot_accuracy(state["ema_params"], imgs, labels, bs)
+    report = {
+        "step": step,
+        "split": "test",
+        "num_examples": len(imgs),
+        "ema": True,
+        "prompt": exp.templates[0],
+        "zero_shot_accuracy": acc,
+    }
+    write_report(workdir, step, report)
+    return report
+
+
 def evaluate(config, workdir: str) -> dict:
     workdir, mesh = prepare(config, workdir, "eval")
     if config.get("task") == "classifier":
         return evaluate_classifier(config, workdir, mesh)
+    if config.get("task") == "clip":
+        return evaluate_clip(config, workdir, mesh)
     exp = Experiment(config, mesh)
     judge = None
     if config.eval.judge_workdir:  # load and check everything before anything compiles

@@ -119,10 +119,9 @@ def prepare(config, workdir: str, mode: str):
             "config.model.cond_dim > 0: training on vector conditions needs a source of "
             "embeddings, which the training app does not provide yet; set it to 0."
         )
-    if config.get("task") == "classifier" and mode == "sample":
+    if config.get("task") in ("classifier", "clip") and mode == "sample":
         raise ConfigError(
-            "A classifier (config.task='classifier') has nothing to sample; use --mode=eval for "
-            "its test accuracy, or pass its workdir as sample.classifier_workdir of a model."
+            f"A {config.task} run has nothing to sample; use --mode=eval for its test accuracy."
         )
     workdir_lib.check_resume_compatible(workdir, config)
     return workdir, mesh
@@ -130,10 +129,15 @@ def prepare(config, workdir: str, mode: str):
 
 def make_experiment(config, mesh) -> Experiment:
     """The task's experiment: diffusion (Experiment) or classifier (ClassifierExperiment)."""
-    if config.get("task", "diffusion") == "classifier":
+    task = config.get("task", "diffusion")
+    if task == "classifier":
         from diffax_lab.classifier import ClassifierExperiment
 
         return ClassifierExperiment(config, mesh)
+    if task == "clip":
+        from diffax_lab.clip_task import ClipExperiment
+
+        return ClipExperiment(config, mesh)
     return Experiment(config, mesh)
 
 
@@ -310,6 +314,9 @@ def train(config, workdir: str) -> dict:
         ckpt.close()
         writer.close()
         preempt.restore()
+    if config.get("task") == "clip" and is_main_process():
+        path = exp.export(state["ema_params"], os.path.join(workdir, "hf_clip"))
+        logging.info("Wrote the CLIP (EMA weights, Hugging Face layout) to %s.", path)
     logging.info("Trained to step %d; checkpoints in %s.", total, ckpt.directory)
     return state
 

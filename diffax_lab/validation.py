@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     pass
 
 
-TASKS = ("diffusion", "classifier")
+TASKS = ("diffusion", "classifier", "clip")
 
 
 def _get(config, field):
@@ -205,6 +205,28 @@ def validate_config(config) -> None:
             )
     if task == "classifier":
         _validate_classifier(config)
+    if task == "clip":
+        for f in (
+            "vocab_size",
+            "context_length",
+            "text_width",
+            "text_layers",
+            "vision_width",
+            "vision_layers",
+            "heads",
+            "patch_size",
+            "projection_dim",
+        ):
+            _number(config, "clip." + f, low=1, integer=True)
+        k = config.clip
+        for f in ("text_width", "vision_width"):
+            if k[f] % k.heads:
+                raise ConfigError(f"config.clip.heads={k.heads} must divide clip.{f}={k[f]}.")
+        if config.data.image_size % k.patch_size:
+            raise ConfigError(
+                f"config.clip.patch_size={k.patch_size} must divide data.image_size="
+                f"{config.data.image_size}."
+            )
 
 
 def _validate_classifier(config) -> None:

@@ -70,7 +70,8 @@ def hf_state_dict_from_flax(params) -> dict:
         elif leaf in ("scale", "embedding"):
             leaf = "weight"
         key = ".".join((*mods, leaf))
-        out[re.sub(r"\.layers_(\d+)\.", r".layers.\1.", key)] = np.ascontiguousarray(v)
+        # np.array, not np.ascontiguousarray: the latter turns the scalar logit_scale 1-D.
+        out[re.sub(r"\.layers_(\d+)\.", r".layers.\1.", key)] = np.array(v, order="C")
     return out
 
 

@@ -101,6 +101,7 @@ def test_save_and_load_round_trip_in_the_hugging_face_layout(reference, tmp_path
     ref = {k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     assert set(state) == set(ref)  # the same names, one to one
     for k in ref:
+        assert state[k].shape == ref[k].shape, k
         np.testing.assert_array_equal(state[k], ref[k])
     save_clip(str(tmp_path), config, params)
     assert (
