@@ -136,13 +136,16 @@ class Experiment:
         """(loss, aux) of one batch; ``keys`` = (label-drop, noise, dropout) keys."""
         c = self.config
         drop_key, loss_key, dropout_key = keys
-        y = None
+        y = cond = cond_mask = None
         if c.model.num_classes:
             y = labels
             if c.train.p_uncond > 0:  # classifier-free guidance: drop to the null label
                 drop = jax.random.bernoulli(drop_key, c.train.p_uncond, y.shape)
                 y = jnp.where(drop, c.model.num_classes, y)
-        fn = self.model_fn(params, y, train=True, rngs={"dropout": dropout_key})
+        elif c.model.cond_dim:  # labels are condition vectors (CLIP embeddings)
+            cond = labels
+            cond_mask = ~jax.random.bernoulli(drop_key, c.train.p_uncond, labels.shape[:1])
+        fn = self.model_fn(params, y, cond, cond_mask, train=True, rngs={"dropout": dropout_key})
         return self.loss_fn(fn, x0, loss_key)
 
     def make_train_step(self, num_examples: int, gather_in_step: bool):
@@ -241,7 +244,19 @@ class Experiment:
         w = 0 is then plain conditional sampling (the unconditional half is multiplied by 0).
         """
         c = self.config
-        if not c.model.num_classes:
+        if c.model.cond_dim:  # y holds condition vectors (CLIP text embeddings)
+
+            def apply_cond(x, t, cond, cond_mask):
+                return self.model.apply({"params": params}, x, t, cond=cond, cond_mask=cond_mask)
+
+            on = jnp.ones(y.shape[:1], bool)
+            fn = guidance.classifier_free(
+                apply_cond,
+                {"cond": y, "cond_mask": on},
+                {"cond": y, "cond_mask": ~on},
+                guidance_scale,
+            )
+        elif not c.model.num_classes:
             fn = self.model_fn(params)
         elif c.train.p_uncond == 0:
             fn = self.model_fn(params, y)
@@ -294,6 +309,10 @@ class Experiment:
 
     def sample_labels(self, labels, batch: int):
         """The int32 labels of batch ``batch`` (None for unlabelled sampling)."""
+        if self.config.model.cond_dim:  # condition vectors, cycled like labels
+            bs = self.config.sample.batch_size
+            ids = np.arange(batch * bs, (batch + 1) * bs)
+            return jnp.asarray(np.asarray(labels)[ids % len(labels)], jnp.float32)
         if not self.num_labels:
             return None
         bs = self.config.sample.batch_size

@@ -105,8 +105,15 @@ def sample(config, workdir: str) -> dict:
         step,
         f", classifier guidance s={s.classifier_scale:g}" if exp.classifier else "",
     )
+    labels = None
+    if config.model.cond_dim:  # text-to-image: CLIP text embeddings of the prompts
+        from diffax_lab.text2img import TextEncoder
+
+        prompts = list(s.prompts)
+        per = max(1, s.num // len(prompts))
+        labels = np.repeat(TextEncoder(config.text.clip_dir).embed_texts(prompts), per, axis=0)
     samples, traj, traj_times = exp.generate(
-        state["ema_params"], s.num, key, num_trajectory=s.num_strip
+        state["ema_params"], s.num, key, labels=labels, num_trajectory=s.num_strip
     )
     samples_u8 = np.asarray(pipeline.to_uint8(samples))
     stem = f"sample_step_{step:06d}_{s.sampler}_{s.num_steps or exp.schedule.num_steps}"
@@ -129,6 +136,12 @@ def sample(config, workdir: str) -> dict:
     fwd, fwd_t = forward_strip(exp, real, s.num_strip + 1, jax.random.fold_in(key, 1))
     images.save_labelled_rows(os.path.join(out_dir, "forward_strip.png"), [fwd], ["q(x_t|x_0)"])
     images.save_labelled_rows(os.path.join(out_dir, "reverse_strip.png"), [rev], ["p(x_t-1|x_t)"])
+    if config.model.cond_dim:  # one row per prompt, the prompt as the row's caption
+        rows = [samples_u8[i * per : (i + 1) * per] for i in range(len(prompts))]
+        rows = [r for r in rows if len(r) == per]
+        path = os.path.join(out_dir, f"{stem}_prompts.png")
+        images.save_labelled_rows(path, rows, prompts[: len(rows)])
+        logging.info("Wrote the prompt grid (w = %g) to %s.", s.guidance_scale, path)
     if exp.num_labels:
         write_guidance_sweep(exp, state["ema_params"], out_dir, jax.random.fold_in(key, 2))
     logging.info(

@@ -114,10 +114,10 @@ def prepare(config, workdir: str, mode: str):
                 f"config.train.batch_size={config.train.batch_size} must be divisible by the "
                 f"{jax.process_count()} processes (each feeds batch_size / processes images)."
             )
-    if config.model.cond_dim and mode == "train":
+    if config.model.cond_dim and "text" not in config:
         raise ConfigError(
-            "config.model.cond_dim > 0: training on vector conditions needs a source of "
-            "embeddings, which the training app does not provide yet; set it to 0."
+            "config.model.cond_dim > 0 conditions on CLIP embeddings: it needs a config.text "
+            "section with clip_dir (see configs/text2img.py)."
         )
     if config.get("task") in ("classifier", "clip") and mode == "sample":
         raise ConfigError(
@@ -146,6 +146,17 @@ def train(config, workdir: str) -> dict:
     workdir, mesh = prepare(config, workdir, "train")
     exp = make_experiment(config, mesh)
     imgs, labels = load_train_data(config)
+    if config.model.cond_dim:  # text-to-image: condition on CLIP image embeddings
+        from diffax_lab.text2img import TextEncoder, cached_image_embeddings
+
+        encoder = TextEncoder(config.text.clip_dir)
+        if encoder.dim != config.model.cond_dim:
+            raise ConfigError(
+                f"config.model.cond_dim={config.model.cond_dim} but the CLIP in "
+                f"{config.text.clip_dir} embeds in {encoder.dim} dimensions; set them equal."
+            )
+        os.makedirs(workdir, exist_ok=True)
+        labels = cached_image_embeddings(encoder, imgs, "train", workdir)
     os.makedirs(workdir, exist_ok=True)
     if is_main_process():
         workdir_lib.write_config(workdir, config)

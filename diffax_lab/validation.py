@@ -171,11 +171,24 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.sample.labels={labels!r} must be integers in [0, {k}).")
     if any(not isinstance(y, int) or y < 0 for y in labels):
         raise ConfigError(f"config.sample.labels={labels!r} must be integers >= 0.")
-    if config.sample.guidance_scale > 0 and not (k and config.train.p_uncond > 0):
+    conditional = k or config.model.cond_dim
+    if config.sample.guidance_scale > 0 and not (conditional and config.train.p_uncond > 0):
         raise ConfigError(
-            "config.sample.guidance_scale > 0 needs a class-conditional model trained with "
-            "label dropout (model.num_classes > 0 and train.p_uncond > 0) to have a null label."
+            "config.sample.guidance_scale > 0 needs a conditional model trained with condition "
+            "dropout (model.num_classes or model.cond_dim > 0, and train.p_uncond > 0)."
         )
+    if config.model.cond_dim:
+        prompts = tuple(config.sample.get("prompts", ()))
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(
+                "A text-conditional model (model.cond_dim > 0) samples from "
+                "config.sample.prompts: give a list of non-empty strings."
+            )
+        if config.train.sample_every:
+            raise ConfigError(
+                "config.train.sample_every must be 0 for a text-conditional model; draw its "
+                "prompt grid with --mode=sample."
+            )
 
     _number(config, "eval.num_examples", low=1, integer=True)
     _number(config, "eval.batch_size", low=1, integer=True)

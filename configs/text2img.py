@@ -1,0 +1,51 @@
+"""Text-to-image on Fashion-MNIST through CLIP (the DLI course's Part 5 recipe).
+
+Commands (a CLIP first: configs/clip.py writes workdirs/clip/hf_clip):
+    python -m diffax_lab.main --config=configs/text2img.py --workdir=workdirs/t2i \
+        --config.text.clip_dir=workdirs/clip/hf_clip
+    python -m diffax_lab.main --config=configs/text2img.py --workdir=workdirs/t2i --mode=sample \
+        --config.text.clip_dir=workdirs/clip/hf_clip \
+        --config.sample.prompts='("a photo of a sneaker", "a photo of a dress")'
+The U-Net of configs/ddpm.py:cpu (28x28) conditioned on the CLIP image embedding of each
+training image (cached in the workdir), 10% replaced by a learned null vector; sampling
+conditions on the CLIP text embeddings of the prompts with classifier-free guidance
+(sample.guidance_scale = w) and writes a grid with one row per prompt. Any CLIP directory in
+Hugging Face layout works (a pretrained one needs data.image_size and the U-Net to match
+its use; model.cond_dim must equal its projection size). Variant ``tiny``: the tests' size.
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "diffax_configs_ddpm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
+)
+ddpm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ddpm)
+
+
+def get_config(arg: str | None = None):
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"Unknown variant {arg!r} of configs/text2img.py; choose '' or 'tiny'.")
+    config = ddpm.get_config("tiny" if arg == "tiny" else "cpu")
+    config.text = ddpm.ConfigDict()
+    config.text.clip_dir = "workdirs/clip/hf_clip"  # Hugging Face layout (or a hub id online)
+    config.model.cond_dim = 16 if arg == "tiny" else 64  # the CLIP's projection_dim
+    config.train.p_uncond = 0.1
+    config.train.sample_every = 0
+    config.sample.guidance_scale = 2.0
+    config.sample.prompts = (
+        "a photo of a t-shirt",
+        "a photo of a trouser",
+        "a photo of a sneaker",
+        "a photo of a bag",
+        "a photo of a ankle boot",
+    )
+    config.sample.num = 40 if arg != "tiny" else 4
+    config.sample.batch_size = 40 if arg != "tiny" else 4
+    if arg == "tiny":
+        config.data.image_size = 28
+        config.model.channel_mult = (1, 2)
+        config.model.attention_resolutions = ()
+        config.sample.prompts = ("a photo of a bag", "a photo of a sneaker")
+    return config
