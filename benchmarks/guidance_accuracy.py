@@ -8,13 +8,16 @@ For each run ``SAMPLER:STEPS[:w=W][:s=S]`` (STEPS 0 = all T; w the CFG weight, s
 classifier-guidance scale with the noise-conditioned classifier of ``--guide``) it draws
 ``--num`` samples of the trained model in ``--workdir`` (EMA weights, labels cycling through
 the classes, the same seed in every run) and reports the accuracy with which the clean
-classifier of ``--judge`` recognises the requested class, with the sampling time measured
-after compilation (compile time reported apart). Prints one JSON object per run.
+classifier of ``--judge`` recognises the requested class, and FD, KID and precision/recall
+in that classifier's feature space against the real test set (features cached in
+``--workdir``/eval/cache), with the sampling time measured after compilation (compile time
+reported apart). Prints one JSON object per run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -23,10 +26,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict
 
-from diffax_lab import sharding
+from diffax_lab import data, sharding
 from diffax_lab.classifier import check_guidance_classifier, load_classifier
 from diffax_lab.data import pipeline
+from diffax_lab.evaluate import compare_features
 from diffax_lab.experiment import Experiment
+from diffax_lab.metrics.features import ClassifierFeatures, reference_features
 from diffax_lab.sampling import restore_latest
 from diffax_lab.validation import validate_config
 
@@ -40,6 +45,8 @@ flags.DEFINE_integer("batch_size", 50, "Samples per compiled batch.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (the same in every run).")
 flags.DEFINE_string("out", "", "Also append the JSON lines here.")
 flags.mark_flags_as_required(["workdir", "judge"])
+# FD / KID / precision-recall settings (KID subsets of min(1000, num) samples).
+METRICS = ConfigDict({"kid_num_subsets": 50, "kid_subset_size": 1000, "pr_k": 3})
 
 
 def parse_run(spec: str) -> dict:
@@ -60,7 +67,7 @@ def load_config(workdir: str) -> ConfigDict:
         return ConfigDict(json.load(f))
 
 
-def run_one(base: ConfigDict, run: dict, params, mesh, judge, guide) -> dict:
+def run_one(base: ConfigDict, run: dict, params, mesh, judge, guide, real) -> dict:
     config = ConfigDict(base.to_dict())
     s = config.sample
     s.sampler, s.num_steps = run["sampler"], run["num_steps"]
@@ -69,7 +76,7 @@ def run_one(base: ConfigDict, run: dict, params, mesh, judge, guide) -> dict:
     s.batch_size = FLAGS.batch_size
     validate_config(config)
     exp = Experiment(config, mesh)
-    num_labels = config.model.num_classes or judge[0].config.model.num_classes
+    num_labels = config.model.num_classes or judge.num_classes
     cparams = None
     if run["s"] > 0:
         if guide is None:
@@ -101,12 +108,16 @@ def run_one(base: ConfigDict, run: dict, params, mesh, judge, guide) -> dict:
     # The class each sample was asked for (exp.sample_labels' cycle); an unguided
     # unconditional model ignores it, which gives the chance baseline.
     y = np.arange(FLAGS.num) % num_labels
-    pred = judge[0].predict(judge[1], samples)
+    pred = judge.predict(samples)
+    quality = compare_features(real, judge(samples), METRICS, jax.random.PRNGKey(FLAGS.seed))
     return {
         **run,
         "num_steps": run["num_steps"] or config.diffusion.num_timesteps,
         "num_samples": int(FLAGS.num),
+        "num_real": int(len(real)),
+        "feature_space": judge.name,
         "accuracy": float(np.mean(pred == y)),
+        **quality,
         "sample_seconds": round(sample_s, 2),
         "compile_seconds": round(compile_s, 2),
         "device": jax.devices()[0].device_kind,
@@ -119,13 +130,16 @@ def main(argv):
     mesh = sharding.make_mesh(1)
     base = load_config(FLAGS.workdir)
     state, step = restore_latest(Experiment(base, mesh), FLAGS.workdir)
-    judge = load_classifier(FLAGS.judge, mesh, field="--judge")
+    judge = ClassifierFeatures(FLAGS.judge, mesh, field="--judge")
     guide = load_classifier(FLAGS.guide, mesh, field="--guide") if FLAGS.guide else None
+    test_u8 = data.load_split(base.data, "test")[0]
+    cache = os.path.join(FLAGS.workdir, "eval", "cache")
+    real, _ = reference_features(judge, base.data, "test", test_u8, cache)
     for run in runs:
         result = {
             "workdir": FLAGS.workdir,
             "step": step,
-            **run_one(base, run, state["ema_params"], mesh, judge, guide),
+            **run_one(base, run, state["ema_params"], mesh, judge, guide, real),
         }
         line = json.dumps(result)
         print(line, flush=True)
