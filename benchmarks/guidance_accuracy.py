@@ -34,6 +34,7 @@ from diffax_lab.experiment import Experiment
 from diffax_lab.metrics.features import ClassifierFeatures, reference_features
 from diffax_lab.sampling import restore_latest
 from diffax_lab.validation import validate_config
+from diffax_lab.workdir import load_run_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the trained diffusion model.")
@@ -63,8 +64,7 @@ def parse_run(spec: str) -> dict:
 
 
 def load_config(workdir: str) -> ConfigDict:
-    with open(f"{workdir}/config.json") as f:
-        return ConfigDict(json.load(f))
+    return load_run_config(workdir)
 
 
 def run_one(base: ConfigDict, run: dict, params, mesh, judge, guide, real) -> dict:

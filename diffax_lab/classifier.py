@@ -12,20 +12,19 @@ the diffusion task.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from ml_collections import ConfigDict
 
 from diffax_lab import checkpointing
 from diffax_lab.diffusion import process
 from diffax_lab.experiment import Experiment
 from diffax_lab.models import get_classifier
 from diffax_lab.validation import ConfigError
+from diffax_lab.workdir import load_run_config
 
 NOISES = ("diffusion", "none")
 
@@ -105,8 +104,7 @@ def load_classifier(workdir: str, mesh, field: str = "config.sample.classifier_w
             f"{field}={workdir!r} holds no config.json; train a classifier there first: "
             f"python -m diffax_lab.main --config=configs/classifier.py --workdir={workdir or 'DIR'}"
         )
-    with open(path) as f:
-        config = ConfigDict(json.load(f))
+    config = load_run_config(workdir)
     if config.get("task") != "classifier":
         raise ConfigError(
             f"{field}={workdir!r} is a {config.get('task', 'diffusion')!r} run, "

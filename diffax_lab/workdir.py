@@ -81,3 +81,37 @@ def write_config(workdir: str, config) -> None:
     with open(tmp, "w") as f:
         f.write(config.to_json(indent=2))
     os.replace(tmp, os.path.join(workdir, "config.json"))  # atomic: never half-written
+
+
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """A saved config completed with fields added to the lab since it was written (the
+    saved values win): older runs stay loadable for sampling and evaluation."""
+    out = dict(defaults)
+    for k, v in saved.items():
+        out[k] = (
+            with_defaults(v, defaults[k])
+            if isinstance(v, dict) and isinstance(defaults.get(k), dict)
+            else v
+        )
+    return out
+
+
+def load_run_config(workdir: str):
+    """The ConfigDict saved in ``workdir``/config.json, completed with current defaults."""
+    import importlib.util
+
+    from ml_collections import ConfigDict
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: is {workdir} a diffax_lab run?")
+    with open(path) as f:
+        saved = json.load(f)
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    spec = importlib.util.spec_from_file_location(
+        "diffax_configs_ddpm", os.path.join(base, "ddpm.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    defaults = json.loads(module.get_config().to_json())
+    return ConfigDict(with_defaults(saved, defaults))
