@@ -16,7 +16,7 @@ test:
 
 # Lint, format check and the test suite (what CI runs after setup).
 check: lint
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --durations=25 tests
 
 lint:
 	ruff check .

@@ -20,7 +20,7 @@ setup(
         "tqdm>=4.66,<5",
     ],
     extras_require={
-        "dev": ["pytest>=8,<10", "ruff>=0.6,<0.20"],
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<0.20"],
         "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.16,<3"],
         "tensorboard": ["tensorboardX>=2.6,<3"],
         # The PyTorch peer of benchmarks/diffusers_peer.py (and its test). Install torch first

@@ -29,14 +29,23 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (with :variant).", lock_config=True)
-flags.DEFINE_list("modes", ["fp32", "bf16", "bf16_compile"], "fp32 | bf16 | bf16_compile")
-flags.DEFINE_integer("train_batch", 0, "Training batch (0 = config.train.batch_size).")
-flags.DEFINE_integer("forward_batch", 256, "Batch of the forward-pass measurement.")
-flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
-flags.DEFINE_integer("threads", 0, "torch.set_num_threads on the CPU (0 = torch's default).")
-flags.DEFINE_string("out", "", "Also append the JSON lines here.")
-flags.mark_flag_as_required("config")
+
+
+def define_flags():
+    """Defines this script's flags; called only when it runs as a script, so that
+    importing it (tests, notebooks, other benchmarks) defines no global flags."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (with :variant).", lock_config=True
+    )
+    flags.DEFINE_list("modes", ["fp32", "bf16", "bf16_compile"], "fp32 | bf16 | bf16_compile")
+    flags.DEFINE_integer("train_batch", 0, "Training batch (0 = config.train.batch_size).")
+    flags.DEFINE_integer("forward_batch", 256, "Batch of the forward-pass measurement.")
+    flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
+    flags.DEFINE_integer("threads", 0, "torch.set_num_threads on the CPU (0 = torch's default).")
+    flags.DEFINE_string("out", "", "Also append the JSON lines here.")
+    flags.mark_flag_as_required("config")
+
+
 MODES = ("fp32", "bf16", "bf16_compile")
 
 
@@ -186,4 +195,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -37,15 +37,24 @@ from diffax_lab.validation import validate_config
 from diffax_lab.workdir import load_run_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of the trained diffusion model.")
-flags.DEFINE_string("judge", None, "Workdir of the clean classifier (configs/classifier.py:clean).")
-flags.DEFINE_string("guide", "", "Workdir of the noise-conditioned classifier (runs with s=).")
-flags.DEFINE_list("runs", ["ddim:50:w=1"], "SAMPLER:STEPS[:w=W][:s=S], comma-separated.")
-flags.DEFINE_integer("num", 100, "Samples per run.")
-flags.DEFINE_integer("batch_size", 50, "Samples per compiled batch.")
-flags.DEFINE_integer("seed", 0, "Sampling seed (the same in every run).")
-flags.DEFINE_string("out", "", "Also append the JSON lines here.")
-flags.mark_flags_as_required(["workdir", "judge"])
+
+
+def define_flags():
+    """Defines this script's flags; called only when it runs as a script, so that
+    importing it (tests, notebooks, other benchmarks) defines no global flags."""
+    flags.DEFINE_string("workdir", None, "Workdir of the trained diffusion model.")
+    flags.DEFINE_string(
+        "judge", None, "Workdir of the clean classifier (configs/classifier.py:clean)."
+    )
+    flags.DEFINE_string("guide", "", "Workdir of the noise-conditioned classifier (runs with s=).")
+    flags.DEFINE_list("runs", ["ddim:50:w=1"], "SAMPLER:STEPS[:w=W][:s=S], comma-separated.")
+    flags.DEFINE_integer("num", 100, "Samples per run.")
+    flags.DEFINE_integer("batch_size", 50, "Samples per compiled batch.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed (the same in every run).")
+    flags.DEFINE_string("out", "", "Also append the JSON lines here.")
+    flags.mark_flags_as_required(["workdir", "judge"])
+
+
 # FD / KID / precision-recall settings (KID subsets of min(1000, num) samples).
 METRICS = ConfigDict({"kid_num_subsets": 50, "kid_subset_size": 1000, "pr_k": 3})
 
@@ -149,4 +158,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -20,11 +20,18 @@ import re
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("runs", None, "Run directories.")
-flags.DEFINE_list("names", None, "Legend names, one per run.")
-flags.DEFINE_list("tags", None, "Report tag per run (step_NNNNNN_<tag>.json).")
-flags.DEFINE_string("out", "docs/eval_over_steps.png", "Output PNG.")
-flags.mark_flags_as_required(["runs", "names", "tags"])
+
+
+def define_flags():
+    """Defines this script's flags; called only when it runs as a script, so that
+    importing it (tests, notebooks, other benchmarks) defines no global flags."""
+    flags.DEFINE_list("runs", None, "Run directories.")
+    flags.DEFINE_list("names", None, "Legend names, one per run.")
+    flags.DEFINE_list("tags", None, "Report tag per run (step_NNNNNN_<tag>.json).")
+    flags.DEFINE_string("out", "docs/eval_over_steps.png", "Output PNG.")
+    flags.mark_flags_as_required(["runs", "names", "tags"])
+
+
 METRICS = (
     ("fd", "Fréchet distance"),
     ("kid", "KID"),
@@ -74,4 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

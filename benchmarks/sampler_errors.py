@@ -22,8 +22,14 @@ from absl import app, flags
 
 from diffax_lab.diffusion import analytic, samplers, schedules
 
-flags.DEFINE_string("schedule", "linear", "Noise schedule.")
-flags.DEFINE_integer("num", 4000, "Samples per run.")
+
+def define_flags():
+    """Defines this script's flags; called only when it runs as a script, so that
+    importing it (tests, notebooks, other benchmarks) defines no global flags."""
+    flags.DEFINE_string("schedule", "linear", "Noise schedule.")
+    flags.DEFINE_integer("num", 4000, "Samples per run.")
+
+
 FLAGS = flags.FLAGS
 MEAN, STD = 0.5, 0.3
 
@@ -60,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -29,13 +29,20 @@ from diffax_lab.experiment import Experiment
 from diffax_lab.validation import validate_config
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (with :variant).", lock_config=True)
-flags.DEFINE_integer("forward_batch", 256, "Batch of the forward-pass measurement.")
-flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the sampling-loop measurement.")
-flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
-flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0 = not reported).")
-flags.DEFINE_string("out", "", "Also write the JSON here.")
-flags.mark_flag_as_required("config")
+
+
+def define_flags():
+    """Defines this script's flags; called only when it runs as a script, so that
+    importing it (tests, notebooks, other benchmarks) defines no global flags."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (with :variant).", lock_config=True
+    )
+    flags.DEFINE_integer("forward_batch", 256, "Batch of the forward-pass measurement.")
+    flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the sampling-loop measurement.")
+    flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
+    flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0 = not reported).")
+    flags.DEFINE_string("out", "", "Also write the JSON here.")
+    flags.mark_flag_as_required("config")
 
 
 def timed(fn, *args, iters):
@@ -155,4 +162,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

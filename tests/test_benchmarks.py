@@ -50,3 +50,22 @@ def test_guidance_benchmark_run_specs():
         parse_run("ddim:10:x=1")
     with pytest.raises(ValueError, match=r"must be SAMPLER:STEPS"):
         parse_run("ddim")
+
+
+def test_benchmark_modules_import_together_without_flag_clashes():
+    """Every benchmark defines its flags only when run as a script, so tests and notebooks
+    can import any set of them (two of them both define --out)."""
+    import importlib
+
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    for name in (
+        "diffusers_peer",
+        "guidance_accuracy",
+        "plot_eval",
+        "sampler_errors",
+        "throughput",
+    ):
+        importlib.import_module(f"benchmarks.{name}")
+    assert set(flags.FLAGS) == before

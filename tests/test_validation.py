@@ -106,7 +106,7 @@ def test_label_out_of_range_for_class_conditional(tmp_path):
 def test_guidance_needs_a_trained_null_label():
     config = load_config()
     config.sample.guidance_scale = 1.0
-    with pytest.raises(ConfigError, match=r"guidance_scale > 0 needs a class-conditional"):
+    with pytest.raises(ConfigError, match=r"guidance_scale > 0 needs a conditional model trained"):
         validate_config(config)
     config = load_config("cfg.py", "tiny")
     validate_config(config)
