@@ -6,7 +6,7 @@ Commands:
 Trains the Flax CLIP (diffax_lab/models/clip.py) with CLIP's symmetric InfoNCE and a learned
 temperature on 28x28 Fashion-MNIST, captions drawn from five templates ("a photo of a
 {class}", ...; diffax_lab/data/captions.py). Writes DIR/hf_clip in Hugging Face's layout
-(config.json, model.safetensors, vocab.json, merges.txt), loadable with
+(config.json, model.safetensors, tokenizer.json, tokenizer_config.json), loadable with
 diffax_lab.models.clip_io.load_clip like a pretrained CLIP. --mode=eval reports zero-shot
 test accuracy with "a photo of a {class}" prompts (docs/BENCHMARKS.md). Variant ``tiny``:
 the tests' size.
