@@ -26,7 +26,8 @@ import platform
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from benchmarks.common_flags import define_measurement_flags
 
 FLAGS = flags.FLAGS
 
@@ -34,16 +35,11 @@ FLAGS = flags.FLAGS
 def define_flags():
     """Defines this script's flags; called only when it runs as a script, so that
     importing it (tests, notebooks, other benchmarks) defines no global flags."""
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file (with :variant).", lock_config=True
-    )
+    define_measurement_flags()
     flags.DEFINE_list("modes", ["fp32", "bf16", "bf16_compile"], "fp32 | bf16 | bf16_compile")
     flags.DEFINE_integer("train_batch", 0, "Training batch (0 = config.train.batch_size).")
-    flags.DEFINE_integer("forward_batch", 256, "Batch of the forward-pass measurement.")
-    flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
     flags.DEFINE_integer("threads", 0, "torch.set_num_threads on the CPU (0 = torch's default).")
     flags.DEFINE_string("out", "", "Also append the JSON lines here.")
-    flags.mark_flag_as_required("config")
 
 
 MODES = ("fp32", "bf16", "bf16_compile")

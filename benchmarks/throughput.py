@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
+from benchmarks.common_flags import define_measurement_flags
 from benchmarks.flops import count_flops
 from diffax_lab import sharding
 from diffax_lab.diffusion import samplers
@@ -34,15 +34,10 @@ FLAGS = flags.FLAGS
 def define_flags():
     """Defines this script's flags; called only when it runs as a script, so that
     importing it (tests, notebooks, other benchmarks) defines no global flags."""
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file (with :variant).", lock_config=True
-    )
-    flags.DEFINE_integer("forward_batch", 256, "Batch of the forward-pass measurement.")
+    define_measurement_flags()
     flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the sampling-loop measurement.")
-    flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
     flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0 = not reported).")
     flags.DEFINE_string("out", "", "Also write the JSON here.")
-    flags.mark_flag_as_required("config")
 
 
 def timed(fn, *args, iters):

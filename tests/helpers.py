@@ -38,6 +38,11 @@ def write_fake_idx(directory, n_train=64, n_test=32, size=28, gz=True, seed=0):
     return directory
 
 
+# A one-level U-Net without attention: enough for the tests that ask a question of the
+# training loop (sharding, multiple processes), not of the network, at less compile time.
+SMALL_UNET = {"model.channel_mult": (1,), "model.attention_resolutions": ()}
+
+
 def tiny_config(data_dir, **overrides):
     config = load_config()
     config.data.dir = str(data_dir)

@@ -8,7 +8,7 @@ import jax
 
 from diffax_lab import train
 from diffax_lab.validation import ConfigError
-from tests.helpers import tiny_config
+from tests.helpers import SMALL_UNET, tiny_config
 
 
 def main(data_dir, out_dir):
@@ -21,9 +21,7 @@ def main(data_dir, out_dir):
                 "train.num_devices": n,
                 "train.log_every": 1,
                 "train.num_steps": 4,
-                # One level, no attention: the same sharding question, less to compile.
-                "model.channel_mult": (1,),
-                "model.attention_resolutions": (),
+                **SMALL_UNET,
             },
         )
         workdir = os.path.join(out_dir, f"dev{n}")

@@ -13,7 +13,7 @@ import numpy as np
 from diffax_lab import checkpointing
 from diffax_lab.experiment import Experiment
 from diffax_lab.sharding import make_mesh
-from tests.helpers import ROOT, tiny_config, write_fake_idx
+from tests.helpers import ROOT, SMALL_UNET, tiny_config, write_fake_idx
 
 
 def free_port() -> int:
@@ -49,9 +49,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
         "--config.data.placement=host",  # each process gathers its own slice of the batch
         "--config.train.sample_every=0",
         "--config.train.log_every=1",
-        # One level, no attention: the same sharding question, a third of the compile time.
-        "--config.model.channel_mult=(1,)",
-        "--config.model.attention_resolutions=()",
+        *(f"--config.{k}={v!r}" for k, v in SMALL_UNET.items()),
     ]
     one = cli([*common, f"--workdir={tmp_path / 'one'}"], ["--num_cpu_devices=4"])
     _, err = one.communicate(timeout=600)
@@ -81,9 +79,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
             return [json.loads(x)["loss"] for x in f]
 
     np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-5)
-    config = tiny_config(
-        data_dir, **{"model.channel_mult": (1,), "model.attention_resolutions": ()}
-    )
+    config = tiny_config(data_dir, **SMALL_UNET)
     a, b = final_state(config, str(tmp_path / "one")), final_state(config, str(tmp_path / "two"))
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
