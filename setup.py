@@ -16,7 +16,7 @@ setup(
         "ml_collections>=1.0,<2",
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
-        "pillow>=10,<13",
+        "pillow>=10.1,<13",
         "tqdm>=4.66,<5",
     ],
     extras_require={

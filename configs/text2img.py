@@ -6,16 +6,23 @@ Commands (a CLIP first: configs/clip.py writes workdirs/clip/hf_clip):
     python -m diffax_lab.main --config=configs/text2img.py --workdir=workdirs/t2i --mode=sample \
         --config.text.clip_dir=workdirs/clip/hf_clip \
         --config.sample.prompts='("a photo of a sneaker", "a photo of a dress")'
+    python -m diffax_lab.main --config=configs/text2img.py --workdir=workdirs/t2i --mode=eval \
+        --config.text.clip_dir=workdirs/clip/hf_clip \
+        [--config.eval.clip_dir=ANOTHER_CLIP] [--config.eval.judge_workdir=CLEAN_CLASSIFIER]
 The U-Net of configs/ddpm.py:cpu (28x28) conditioned on the CLIP image embedding of each
 training image (cached in the workdir), 10% replaced by a learned null vector; sampling
 conditions on the CLIP text embeddings of the prompts with classifier-free guidance
 (sample.guidance_scale = w) and writes a grid with one row per prompt. Any CLIP directory in
 Hugging Face layout works (a pretrained one needs data.image_size and the U-Net to match
-its use; model.cond_dim must equal its projection size). Variant ``tiny``: the tests' size.
+its use; model.cond_dim must equal its projection size). --mode=eval reports CLIP scores of
+samples drawn from text.template with each class name against their own and shuffled
+prompts, beside real test images' (diffax_lab/text2img.py). Variant ``tiny``: the tests' size.
 """
 
 import importlib.util
 import os
+
+from diffax_lab.data.captions import FASHION_MNIST_CLASSES
 
 _spec = importlib.util.spec_from_file_location(
     "diffax_configs_ddpm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
@@ -41,6 +48,13 @@ def get_config(arg: str | None = None):
         "a photo of a bag",
         "a photo of a ankle boot",
     )
+    # --mode=eval: samples from text.template filled with each class name in turn, scored by
+    # the conditioning CLIP, and by an independent one in eval.clip_dir ('' = none), beside
+    # real test images against their true captions; the judge's FD/accuracy when given.
+    config.text.class_names = FASHION_MNIST_CLASSES  # in the order of the dataset's labels
+    config.text.template = "a photo of a {}"
+    config.eval.clip_dir = ""
+    config.eval.num_samples = 200 if arg != "tiny" else 8
     config.sample.num = 40 if arg != "tiny" else 4
     config.sample.batch_size = 40 if arg != "tiny" else 4
     if arg == "tiny":

@@ -8,7 +8,7 @@ import os
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -45,12 +45,16 @@ def save_labelled_rows(path: str, rows: list[np.ndarray], labels: list[str], sca
     grid = make_grid(np.concatenate(rows), ncols=rows[0].shape[0])
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    margin = 8 * max(len(s) for s in labels) + 8
+    # Pillow's own TrueType face (its bitmap fallback without FreeType), sized to the rows.
+    row_h = img.height / len(rows)
+    font = ImageFont.load_default(size=max(10, min(16, int(row_h / 3))))
+    measure = ImageDraw.Draw(img)
+    margin = int(max(measure.textlength(s, font=font) for s in labels)) + 12
     canvas = Image.new("RGB", (img.width + margin, img.height), "white")
     canvas.paste(img, (margin, 0))
     draw = ImageDraw.Draw(canvas)
-    row_h = img.height / len(rows)
     for i, text in enumerate(labels):
-        draw.text((4, int(i * row_h + row_h / 2 - 5)), text, fill="black")
+        _, top, _, bottom = draw.textbbox((0, 0), text, font=font)
+        draw.text((4, int(i * row_h + (row_h - top - bottom) / 2)), text, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)

@@ -6,6 +6,16 @@ Training conditions the U-Net on the CLIP *image* embeddings of the training ima
 learned null vector. Sampling conditions on the CLIP *text* embeddings of
 ``sample.prompts`` (CLIP's shared space is what makes this work) with classifier-free
 guidance of weight ``sample.guidance_scale``. Embeddings are L2-normalised.
+
+``--mode=eval`` draws ``eval.num_samples`` images from the prompts
+``text.template.format(class)`` for the classes ``text.class_names`` in turn and reports
+(``clip_report``) their CLIP score against their own prompts and against the same prompts
+shuffled among the samples, the same two scores of real test images against their true
+captions (the scale of a good match and of none), and how often CLIP's zero-shot choice among
+the class prompts is the class asked (samples) or the true class (real images). These are in the space of the
+CLIP that conditions; a model can learn to please that CLIP, so ``eval.clip_dir`` adds the
+same figures in an independent CLIP's space (a CLIP trained with another seed, say), and
+``eval.judge_workdir`` the clean classifier's accuracy and FD: the stricter tests.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax_lab.metrics.clip_score import clip_preprocess
+from diffax_lab.metrics.clip_score import clip_preprocess, clip_score_of_embeddings
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
 from diffax_lab.validation import ConfigError
 
@@ -25,17 +35,18 @@ from diffax_lab.validation import ConfigError
 class TextEncoder:
     """A CLIP directory (Hugging Face layout) as image and text embedders."""
 
-    def __init__(self, clip_dir: str):
+    def __init__(self, clip_dir: str, field: str = "config.text.clip_dir"):
         if not clip_dir:
             raise ConfigError(
-                "config.text.clip_dir is empty: give a CLIP directory (Hugging Face layout), "
+                f"{field} is empty: give a CLIP directory (Hugging Face layout), "
                 "e.g. workdirs/clip/hf_clip from configs/clip.py, or a hub id when online."
             )
         try:
             self.model, self.params, self.config = load_clip(clip_dir)
             self.tokenizer = load_tokenizer(clip_dir)
         except FileNotFoundError as e:
-            raise ConfigError(f"config.text.clip_dir={clip_dir!r}: {e}") from e
+            raise ConfigError(f"{field}={clip_dir!r}: {e}") from e
+        self.clip_dir = clip_dir
         self.dim = self.config.projection_dim
         leaves = jax.tree.leaves(self.params)
         h = hashlib.sha256()
@@ -76,6 +87,59 @@ class TextEncoder:
         return np.asarray(
             self._texts(jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"]))
         )
+
+
+def load_encoder(config) -> TextEncoder:
+    """The conditioning CLIP (text.clip_dir), checked against model.cond_dim before anything
+    compiles."""
+    encoder = TextEncoder(config.text.clip_dir)
+    if encoder.dim != config.model.cond_dim:
+        raise ConfigError(
+            f"config.model.cond_dim={config.model.cond_dim} but the CLIP in "
+            f"config.text.clip_dir={config.text.clip_dir!r} embeds in {encoder.dim} "
+            "dimensions; set them equal."
+        )
+    return encoder
+
+
+def class_prompts(config) -> list[str]:
+    """``text.template`` filled with each of ``text.class_names``: the eval prompts."""
+    return [config.text.template.format(n) for n in config.text.class_names]
+
+
+def _mean_sem(v: np.ndarray) -> tuple[float, float]:
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def clip_report(prompt_emb, fake_emb, fake_y, real_emb, real_y, seed: int = 0) -> dict:
+    """CLIP scores and zero-shot agreement of generated and real images.
+
+    prompt_emb [K, D]: the class prompts' text embeddings; fake_emb [N, D] / real_emb [M, D]:
+    image embeddings of samples (drawn for classes fake_y) and real images (of classes
+    real_y). "Shuffled" pairs each image with the prompt of a random permutation of the
+    images' classes. Scores are means over images with their standard errors.
+    """
+    rng = np.random.default_rng(seed)
+    prompt_emb, fake_y, real_y = np.asarray(prompt_emb), np.asarray(fake_y), np.asarray(real_y)
+
+    def scores(img, y):
+        return np.asarray(clip_score_of_embeddings(jnp.asarray(img), jnp.asarray(prompt_emb[y])))
+
+    def zero_shot(img):
+        img = img / np.linalg.norm(img, axis=-1, keepdims=True)
+        txt = prompt_emb / np.linalg.norm(prompt_emb, axis=-1, keepdims=True)
+        return np.argmax(img @ txt.T, axis=-1)
+
+    report = {}
+    for name, emb, y in (("", fake_emb, fake_y), ("real_", real_emb, real_y)):
+        emb = np.asarray(emb)
+        for kind, yy in (("", y), ("_shuffled", y[rng.permutation(len(y))])):
+            m, sem = _mean_sem(scores(emb, yy))
+            report[f"{name}clip_score{kind}"] = m
+            report[f"{name}clip_score{kind}_sem"] = sem
+        report[f"{name}clip_accuracy"] = float(np.mean(zero_shot(emb) == y))
+    report["num_real_clip"] = int(len(real_y))
+    return report
 
 
 def cached_image_embeddings(encoder: TextEncoder, images_u8, split: str, workdir: str):

@@ -147,14 +147,9 @@ def train(config, workdir: str) -> dict:
     exp = make_experiment(config, mesh)
     imgs, labels = load_train_data(config)
     if config.model.cond_dim:  # text-to-image: condition on CLIP image embeddings
-        from diffax_lab.text2img import TextEncoder, cached_image_embeddings
+        from diffax_lab.text2img import cached_image_embeddings, load_encoder
 
-        encoder = TextEncoder(config.text.clip_dir)
-        if encoder.dim != config.model.cond_dim:
-            raise ConfigError(
-                f"config.model.cond_dim={config.model.cond_dim} but the CLIP in "
-                f"{config.text.clip_dir} embeds in {encoder.dim} dimensions; set them equal."
-            )
+        encoder = load_encoder(config)
         os.makedirs(workdir, exist_ok=True)
         labels = cached_image_embeddings(encoder, imgs, "train", workdir)
     os.makedirs(workdir, exist_ok=True)

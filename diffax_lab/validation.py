@@ -189,6 +189,23 @@ def validate_config(config) -> None:
                 "config.train.sample_every must be 0 for a text-conditional model; draw its "
                 "prompt grid with --mode=sample."
             )
+        names = tuple(config.text.get("class_names", ()))
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ConfigError(
+                "config.text.class_names must list the dataset's class names (non-empty "
+                "strings, in label order): --mode=eval draws and scores one prompt per class."
+            )
+        template = config.text.get("template", "")
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ConfigError(
+                f"config.text.template={template!r} must contain '{{}}' once, where the class "
+                "name goes (e.g. 'a photo of a {}')."
+            )
+        if config.eval.get("every_steps", 0):
+            raise ConfigError(
+                "config.eval.every_steps must be 0 for a text-conditional model; evaluate "
+                "its checkpoints with --mode=eval."
+            )
 
     _number(config, "eval.num_examples", low=1, integer=True)
     _number(config, "eval.batch_size", low=1, integer=True)

@@ -145,3 +145,30 @@ def test_classifier_guidance_needs_a_classifier_workdir(tmp_path):
     config.data.dir = str(tmp_path / "data")
     with pytest.raises(ConfigError, match=r"config.sample.classifier_workdir=.*no config.json"):
         sampling.sample(config, str(tmp_path / "run"))
+
+
+def test_text2img_eval_fields_are_checked(tmp_path):
+    for arg in (None, "tiny"):
+        validate_config(load_config("text2img.py", arg))
+    cases = [
+        ("text.class_names", (), r"config.text.class_names must list the dataset's class names"),
+        ("text.class_names", ("bag", ""), r"config.text.class_names"),
+        ("text.template", "a photo of a", r"config.text.template='a photo of a' must contain"),
+        ("text.template", "{} and {}", r"config.text.template='\{\} and \{\}' must contain"),
+        ("eval.every_steps", 10, r"config.eval.every_steps must be 0 for a text-conditional"),
+    ]
+    for field, value, pattern in cases:
+        config = load_config("text2img.py", "tiny")
+        section, name = field.split(".")
+        config[section][name] = value
+        with pytest.raises(ConfigError, match=pattern):
+            validate_config(config)
+    # A CLIP directory that is not there is named with its field, before anything compiles.
+    from diffax_lab import evaluate
+
+    write_fake_idx(tmp_path / "data")
+    config = load_config("text2img.py", "tiny")
+    config.data.dir = str(tmp_path / "data")
+    config.text.clip_dir = str(tmp_path / "no_clip")
+    with pytest.raises(ConfigError, match=r"config.text.clip_dir=.*no_clip"):
+        evaluate.evaluate(config, str(tmp_path / "run"))

@@ -40,6 +40,11 @@ def cosine(a, b):
     return jnp.sum(a * b, axis=-1)
 
 
+def clip_score_of_embeddings(image_embeddings, text_embeddings):
+    """Per-pair CLIP score [B] of embeddings [B, D] (normalised here): 100 max(cos, 0)."""
+    return 100.0 * jnp.maximum(cosine(image_embeddings, text_embeddings), 0.0)
+
+
 @functools.partial(jax.jit, static_argnames=("clip",))
 def clip_scores(clip, params, images, input_ids, attention_mask):
     """Per-pair CLIP score [B] of images [B, H, W, C] (uint8 or [0, 1]) and their captions
@@ -47,4 +52,4 @@ def clip_scores(clip, params, images, input_ids, attention_mask):
     pixels = clip_preprocess(images, clip.config.vision.image_size)
     img = clip.apply({"params": params}, pixels, method="encode_image")
     txt = clip.apply({"params": params}, input_ids, attention_mask, method="encode_text")
-    return 100.0 * jnp.maximum(cosine(img, txt), 0.0)
+    return clip_score_of_embeddings(img, txt)
