@@ -11,11 +11,12 @@ guidance of weight ``sample.guidance_scale``. Embeddings are L2-normalised.
 ``text.template.format(class)`` for the classes ``text.class_names`` in turn and reports
 (``clip_report``) their CLIP score against their own prompts and against the same prompts
 shuffled among the samples, the same two scores of real test images against their true
-captions (the scale of a good match and of none), and how often CLIP's zero-shot choice among
-the class prompts is the class asked (samples) or the true class (real images). These are in the space of the
-CLIP that conditions; a model can learn to please that CLIP, so ``eval.clip_dir`` adds the
-same figures in an independent CLIP's space (a CLIP trained with another seed, say), and
-``eval.judge_workdir`` the clean classifier's accuracy and FD: the stricter tests.
+captions (the scale of a good match and of none), and how often CLIP's zero-shot choice
+among the class prompts is the class asked (samples) or the true class (real images). These
+are in the space of the CLIP that conditions; a model can learn to please that CLIP, so
+``eval.clip_dir`` adds the same figures in an independent CLIP's space (a CLIP trained with
+another seed, say), and ``eval.judge_workdir`` the clean classifier's accuracy and FD: the
+stricter tests.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def class_prompts(config) -> list[str]:
 
 
 def _mean_sem(v: np.ndarray) -> tuple[float, float]:
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    """Mean and its standard error (0 for a single value)."""
+    sem = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return float(v.mean()), sem
 
 
 def clip_report(prompt_emb, fake_emb, fake_y, real_emb, real_y, seed: int = 0) -> dict:
