@@ -26,15 +26,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict
 
-from diffax_lab import data, sharding
-from diffax_lab.classifier import check_guidance_classifier, load_classifier
+from diffax_lab import checkpointing, data, sharding
+from diffax_lab.config_lib import load_run_config
 from diffax_lab.data import pipeline
-from diffax_lab.evaluate import compare_features
-from diffax_lab.experiment import Experiment
-from diffax_lab.metrics.features import ClassifierFeatures, reference_features
-from diffax_lab.sampling import restore_latest
-from diffax_lab.validation import validate_config
-from diffax_lab.workdir import load_run_config
+from diffax_lab.evaluators.sample_quality import compare_features
+from diffax_lab.metrics.features import reference_features
+from diffax_lab.tasks import registry
 
 FLAGS = flags.FLAGS
 
@@ -83,29 +80,30 @@ def run_one(base: ConfigDict, run: dict, params, mesh, judge, guide, real) -> di
     s.guidance_scale, s.classifier_scale = run["w"], run["s"]
     s.classifier_workdir = FLAGS.guide if run["s"] > 0 else ""
     s.batch_size = FLAGS.batch_size
-    validate_config(config)
-    exp = Experiment(config, mesh)
+    registry.check_config(config)
+    exp = registry.build(config, mesh)
     num_labels = config.model.num_classes or judge.num_classes
     cparams = None
     if run["s"] > 0:
         if guide is None:
             raise ValueError(f"Run {run} uses classifier guidance: pass --guide.")
-        check_guidance_classifier(exp, guide[0])
+        exp.check_guidance_classifier(guide[0])
         exp.attach_classifier(*guide)
         cparams = guide[1]
-    labels = tuple(range(num_labels))
+    labels = np.arange(num_labels, dtype=np.int32)
+    bs = FLAGS.batch_size
     key = jax.random.PRNGKey(FLAGS.seed)
     args = lambda b: (  # noqa: E731
         params,
         jax.random.fold_in(key, b),
-        exp.sample_labels(labels, b),
+        jnp.asarray(labels[np.arange(b * bs, (b + 1) * bs) % num_labels]),
         jnp.float32(run["w"]),
         None,
         cparams,
         jnp.float32(run["s"]),
     )
     t0 = time.perf_counter()
-    compiled = exp.sample_batch.lower(*args(0), num_trajectory=0).compile()
+    compiled = exp.sample_batch.lower(*args(0), num_traj=0).compile()
     compile_s = time.perf_counter() - t0
     batches = -(-FLAGS.num // FLAGS.batch_size)
     outs = []
@@ -114,7 +112,7 @@ def run_one(base: ConfigDict, run: dict, params, mesh, judge, guide, real) -> di
         outs.append(compiled(*args(b)).samples)
     samples = np.asarray(pipeline.to_uint8(np.concatenate(jax.device_get(outs))))[: FLAGS.num]
     sample_s = time.perf_counter() - t0
-    # The class each sample was asked for (exp.sample_labels' cycle); an unguided
+    # The class each sample was asked for (cycled as generate does); an unguided
     # unconditional model ignores it, which gives the chance baseline.
     y = np.arange(FLAGS.num) % num_labels
     pred = judge.predict(samples)
@@ -138,9 +136,13 @@ def main(argv):
     runs = [parse_run(r) for r in FLAGS.runs]  # bad specs fail before anything loads
     mesh = sharding.make_mesh(1)
     base = load_config(FLAGS.workdir)
-    state, step = restore_latest(Experiment(base, mesh), FLAGS.workdir)
-    judge = ClassifierFeatures(FLAGS.judge, mesh, field="--judge")
-    guide = load_classifier(FLAGS.guide, mesh, field="--guide") if FLAGS.guide else None
+    state, step = checkpointing.restore_latest(
+        FLAGS.workdir, registry.build(base, mesh).restore_target
+    )
+    judge = registry.load_judge(FLAGS.judge, mesh, FLAGS.batch_size, field="--judge")
+    guide = (
+        registry.restore_run(FLAGS.guide, mesh, "--guide", "classifier") if FLAGS.guide else None
+    )
     test_u8 = data.load_split(base.data, "test")[0]
     cache = os.path.join(FLAGS.workdir, "eval", "cache")
     real, _ = reference_features(judge, base.data, "test", test_u8, cache)

@@ -25,8 +25,7 @@ from benchmarks.common_flags import define_measurement_flags
 from benchmarks.flops import count_flops
 from diffax_lab import sharding
 from diffax_lab.diffusion import samplers
-from diffax_lab.experiment import Experiment
-from diffax_lab.validation import validate_config
+from diffax_lab.tasks import registry
 
 FLAGS = flags.FLAGS
 
@@ -60,9 +59,9 @@ def peak_memory_gib():
 def main(argv):
     del argv
     config = FLAGS.config
-    validate_config(config)
+    registry.check_config(config)
     mesh = sharding.make_mesh(config.train.num_devices or None)
-    exp = Experiment(config, mesh)
+    exp = registry.build(config, mesh)
     B, Bf = config.train.batch_size, FLAGS.forward_batch
     shape = exp.image_shape
     result = {

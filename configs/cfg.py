@@ -12,18 +12,11 @@ Variants: ``tiny`` (tests), ``cpu`` (the 2-core CPU size of configs/ddpm.py:cpu)
 No run of this config has been recorded yet.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "diffax_configs_ddpm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
-)
-ddpm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ddpm)
+from diffax_lab.config_lib import base
 
 
 def get_config(arg: str | None = None):
-    config = ddpm.get_config(arg)
+    config = base("ddpm", arg)
     config.model.num_classes = 10
     config.train.p_uncond = 0.1
     config.sample.guidance_scale = 1.0

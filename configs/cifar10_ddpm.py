@@ -8,19 +8,11 @@ dropout 0.1), linear schedule T = 1000, Adam lr 2e-4 with 5000 warm-up steps, gr
 steps on a TPU v3-8; no run of this config has been recorded here yet.
 """
 
-import importlib.util
-import os
-
-# Load the base config by path, so this file works wherever it is run from.
-_spec = importlib.util.spec_from_file_location(
-    "diffax_configs_ddpm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
-)
-ddpm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ddpm)
+from diffax_lab.config_lib import base
 
 
 def get_config(arg: str | None = None):
-    config = ddpm.get_config()
+    config = base("ddpm")
     config.data.source = "tfds"
     config.data.name = "cifar10"
     config.data.dir = ""  # tfds data_dir ('' = tfds's default, ~/tensorflow_datasets)

@@ -19,33 +19,23 @@ configs/ddpm.py: a guiding classifier must share them with the model it guides (
 model.num_classes is here the number of outputs. Measured accuracies: docs/BENCHMARKS.md.
 """
 
-import importlib.util
-import os
+from ml_collections import ConfigDict
 
-_spec = importlib.util.spec_from_file_location(
-    "diffax_configs_ddpm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
-)
-ddpm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ddpm)
+from diffax_lab.config_lib import base, parse_variants
 
 VARIANTS = ("clean", "cpu", "tiny")
 
 
 def get_config(arg: str | None = None):
-    variants = tuple(v for v in (arg or "").split(",") if v)
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(
-            f"Unknown variant(s) {sorted(unknown)} of configs/classifier.py; "
-            f"choose from {VARIANTS}, comma-separated."
-        )
+    variants = parse_variants(arg, VARIANTS, "configs/classifier.py")
     size = "tiny" if "tiny" in variants else "cpu" if "cpu" in variants else None
-    config = ddpm.get_config(size)  # data, diffusion and image size of the matching model
+    config = base("ddpm", size)  # data, diffusion and image size of the matching model
     config.task = "classifier"
-    config.classifier = ddpm.ConfigDict()
+    config.classifier = ConfigDict()
     config.classifier.noise = "none" if "clean" in variants else "diffusion"  # diffusion | none
 
     m = config.model
+    m.name = "classifier"
     m.num_classes = 10  # outputs
     m.cond_dim = 0
     m.base_channels = 32

@@ -12,21 +12,17 @@ test accuracy with "a photo of a {class}" prompts (docs/BENCHMARKS.md). Variant 
 the tests' size.
 """
 
-import importlib.util
-import os
+from ml_collections import ConfigDict
 
-_spec = importlib.util.spec_from_file_location(
-    "diffax_configs_ddpm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
-)
-ddpm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ddpm)
+from diffax_lab.config_lib import base
 
 
 def get_config(arg: str | None = None):
-    config = ddpm.get_config("tiny" if arg == "tiny" else None)
+    config = base("ddpm", "tiny" if arg == "tiny" else None)
     config.task = "clip"
+    config.model.name = "clip"  # architecture in the clip section; model.dtype is honoured
     config.data.image_size = 28  # native Fashion-MNIST; 7x7 patches of 4 pixels
-    config.clip = ddpm.ConfigDict()
+    config.clip = ConfigDict()
     k = config.clip
     k.vocab_size = 256  # the word-level tokenizer's vocabulary must fit
     k.context_length = 16

@@ -15,10 +15,12 @@ Data: `apt-get install dataset-fashion-mnist`, or set data.dir / $DIFFAX_DATA_DI
 
 from ml_collections import ConfigDict
 
+from diffax_lab.diffusion.samplers import DEFAULTS
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
     config = ConfigDict()
-    config.task = "diffusion"  # diffusion | classifier (configs/classifier.py)
+    config.task = "diffusion"  # diffusion | text2img | classifier | clip (diffax_lab/tasks)
     config.seed = 0  # base PRNG seed; every step derives its key by fold_in(key, step)
 
     config.data = ConfigDict()
@@ -30,8 +32,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.data.random_flip = False  # left-right flips (garments are not symmetric: off)
     config.data.num_examples = 0  # use the first N training images (0 = all)
     config.data.placement = "device"  # device: dataset on device once; host: gather per step
+    # folder source without a test/ sub-folder: this fraction of the images (chosen by a
+    # hash of their paths) is the held-out test split; 0 = no test split.
+    config.data.test_fraction = 0.0
 
     config.model = ConfigDict()
+    config.model.name = "unet"  # the network (diffax_lab/models registry): unet | classifier | clip
     config.model.base_channels = 64
     config.model.channel_mult = (1, 2, 2)  # per level; 32 -> 16 -> 8
     config.model.num_res_blocks = 2
@@ -62,6 +68,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.optim.lr = 2e-4  # peak learning rate
     config.optim.warmup_steps = 500  # linear warm-up from 0
     config.optim.lr_schedule = "constant"  # constant | cosine (decays to 0 at num_steps)
+    config.optim.decay_steps = 0  # cosine horizon in steps; 0 = train.num_steps of the first run
     config.optim.weight_decay = 0.0
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
@@ -84,17 +91,22 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # unchanged) and counted in metrics.jsonl ("skipped"); this many in a row stop the run.
     config.train.max_consecutive_skips = 10
     config.train.fault_nan_steps = ()  # testing aid: steps whose loss is forced to NaN
+    config.train.checkpoint_every_secs = 600  # also save after this much wall time; 0 = off
+    # When every checkpoint fails its checksum: False refuses to start (exit 2); True starts
+    # again from step 0 (the bad ones stay in DIR/checkpoints_corrupt).
+    config.train.restart_if_corrupt = False
 
     config.sample = ConfigDict()
     config.sample.num = 64  # images in the grid and the .npz
     config.sample.batch_size = 64
     config.sample.seed = 0
-    config.sample.sampler = "ddpm"  # ddpm | ddim | dpm_solver++ | euler | heun
-    config.sample.num_steps = 0  # 0 = all T steps
-    config.sample.spacing = "uniform"  # uniform | quadratic
-    config.sample.variance = "beta"  # ddpm only: beta | beta_tilde
-    config.sample.eta = 0.0  # ddim only
-    config.sample.clip_x0 = 1.0  # clip predicted x0 to [-c, c]; 0 = off
+    # Defaults shared with the library's samplers.sample (samplers.DEFAULTS):
+    config.sample.sampler = DEFAULTS["sampler"]  # ddpm | ddim | dpm_solver++ | euler | heun
+    config.sample.num_steps = DEFAULTS["num_steps"]  # 0 = all T steps
+    config.sample.spacing = DEFAULTS["spacing"]  # uniform | quadratic
+    config.sample.variance = DEFAULTS["variance"]  # ddpm only: beta | beta_tilde
+    config.sample.eta = DEFAULTS["eta"]  # ddim only
+    config.sample.clip_x0 = DEFAULTS["clip_x0"]  # clip predicted x0 to [-c, c]; 0 = off
     config.sample.num_strip = 8  # frames in the forward and reverse strips
     # Class-conditional models (model.num_classes > 0):
     config.sample.labels = ()  # labels to draw; () = cycle through the classes
@@ -110,6 +122,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.sample.sweep_scales = (0.0, 1.0, 3.0)
 
     config.eval = ConfigDict()
+    # Evaluators (diffax_lab/evaluators) by name: loss, fd, kid, pr, bpd, clip_score, accuracy,
+    # zero_shot; () = the task's defaults (loss, + fd/kid/pr with a judge, + bpd when asked).
+    config.eval.metrics = ()
     config.eval.num_examples = 2048  # test images for the held-out loss
     config.eval.batch_size = 256
     # Sample metrics (FD, KID, precision/recall; accuracy for labelled samples) in the feature

@@ -19,23 +19,18 @@ samples drawn from text.template with each class name against their own and shuf
 prompts, beside real test images' (diffax_lab/text2img.py). Variant ``tiny``: the tests' size.
 """
 
-import importlib.util
-import os
+from ml_collections import ConfigDict
 
+from diffax_lab.config_lib import base
 from diffax_lab.data.captions import FASHION_MNIST_CLASSES
-
-_spec = importlib.util.spec_from_file_location(
-    "diffax_configs_ddpm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddpm.py")
-)
-ddpm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ddpm)
 
 
 def get_config(arg: str | None = None):
     if arg not in (None, "", "tiny"):
         raise ValueError(f"Unknown variant {arg!r} of configs/text2img.py; choose '' or 'tiny'.")
-    config = ddpm.get_config("tiny" if arg == "tiny" else "cpu")
-    config.text = ddpm.ConfigDict()
+    config = base("ddpm", "tiny" if arg == "tiny" else "cpu")
+    config.task = "text2img"
+    config.text = ConfigDict()
     config.text.clip_dir = "workdirs/clip/hf_clip"  # Hugging Face layout (or a hub id online)
     config.model.cond_dim = 16 if arg == "tiny" else 64  # the CLIP's projection_dim
     config.train.p_uncond = 0.1

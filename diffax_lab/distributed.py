@@ -18,6 +18,8 @@ import os
 import jax
 from absl import logging
 
+from diffax_lab.errors import ConfigError
+
 
 def _env_int(name: str) -> int:
     try:
@@ -57,12 +59,12 @@ def initialize(
         process_id = _env_int("DIFFAX_PROCESS_ID")
     explicit = bool(coordinator_address)
     if explicit and (num_processes < 1 or process_id < 0):
-        raise ValueError(
+        raise ConfigError(
             "--coordinator_address needs --num_processes and --process_id (or "
             "DIFFAX_NUM_PROCESSES and DIFFAX_PROCESS_ID)."
         )
     if explicit and not 0 <= process_id < num_processes:
-        raise ValueError(f"--process_id={process_id} must lie in [0, {num_processes}).")
+        raise ConfigError(f"--process_id={process_id} must lie in [0, {num_processes}).")
     detected = cluster_detected()
     if mode == "no" or (mode == "auto" and not explicit and detected is None):
         return

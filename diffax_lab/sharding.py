@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from diffax_lab.validation import ConfigError
+from diffax_lab.errors import ConfigError
 
 DATA_AXIS = "data"
 

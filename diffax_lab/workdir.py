@@ -1,15 +1,26 @@
-"""The run directory: checks before anything is written, and the resolved config beside it.
+"""The run directory: checks before anything is written, one writer at a time, and the
+resolved config beside the checkpoints.
 
-A bad run never damages a good one: the workdir must be a real directory (not '' or '/'),
-and a resumed run must have the same model, diffusion and data shape as its checkpoints.
+A bad run never damages a good one: the workdir must be a real, writable directory (not ''
+or '/'); only one training process writes to it (``WorkdirLock``: the holder's host and
+PID, a stale lock of a dead process taken over with a warning); a resumed run must have
+the same model, diffusion and data shape as its checkpoints (``check_resume_compatible``).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
 
-from diffax_lab.validation import ConfigError
+from absl import logging
+
+from diffax_lab.config_lib import read_saved
+from diffax_lab.errors import WorkdirError
 
 # Sections (and fields) that define the shape and meaning of the saved state.
 STATE_DEFINING = (
@@ -23,17 +34,39 @@ STATE_DEFINING = (
     "optim.grad_clip",
     "seed",
 )
+LOCK_NAME = ".lock"
 
 
 def check_workdir(workdir: str) -> str:
+    """The absolute path of a usable --workdir (it need not exist yet)."""
     if not workdir or not workdir.strip():
-        raise ConfigError("--workdir is empty; give the run a directory of its own.")
+        raise WorkdirError("--workdir is empty; give the run a directory of its own.")
     path = os.path.abspath(os.path.expanduser(workdir))
     if path == os.path.abspath(os.sep) or path == os.path.expanduser("~"):
-        raise ConfigError(f"--workdir={workdir!r} resolves to {path}; use a directory of its own.")
+        raise WorkdirError(f"--workdir={workdir!r} resolves to {path}; use a directory of its own.")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workdir={workdir!r} exists and is not a directory.")
+        raise WorkdirError(f"--workdir={workdir!r} exists and is not a directory.")
     return path
+
+
+def make_writable(path: str) -> None:
+    """Creates ``path`` and proves it writable, or says why not (one line)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(
+            f"--workdir={path} is not writable ({e.strerror or e}); choose a directory you "
+            "can write to, or fix its permissions."
+        ) from e
+
+
+def has_checkpoints(workdir: str) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 def _lookup(d, dotted):
@@ -46,22 +79,16 @@ def _canonical(value):
     return json.loads(json.dumps(value))  # tuples -> lists, as stored
 
 
-def check_resume_compatible(workdir: str, config) -> None:
-    """Refuses to resume a run whose state-defining fields differ from the saved config."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    new = json.loads(config.to_json())
+def config_differences(saved: dict, new: dict, fields=STATE_DEFINING) -> list[str]:
+    """``field: old -> new`` for each state-defining field that differs."""
     diffs = []
-    for field in STATE_DEFINING:
+    for field in fields:
         try:
             old_v, new_v = _lookup(saved, field), _lookup(new, field)
         except KeyError:
             continue
         if _canonical(old_v) != _canonical(new_v):
-            if isinstance(old_v, dict):
+            if isinstance(old_v, dict) and isinstance(new_v, dict):
                 diffs += [
                     f"{field}.{k}: {old_v.get(k)!r} -> {new_v.get(k)!r}"
                     for k in sorted(set(old_v) | set(new_v))
@@ -69,8 +96,23 @@ def check_resume_compatible(workdir: str, config) -> None:
                 ]
             else:
                 diffs.append(f"{field}: {old_v!r} -> {new_v!r}")
+    return diffs
+
+
+def check_resume_compatible(workdir: str, config) -> None:
+    """Refuses to resume checkpoints whose state-defining fields differ from ``config``.
+
+    A workdir without checkpoints (a run stopped before its first save, or with
+    num_steps=0) holds nothing to protect: its config.json is simply replaced.
+    """
+    if not has_checkpoints(workdir):
+        return
+    saved = read_saved(workdir)
+    if saved is None:
+        return  # no config.json: the checkpoints' shapes are checked on restore
+    diffs = config_differences(saved, json.loads(config.to_json()))
     if diffs:
-        raise ConfigError(
+        raise WorkdirError(
             f"{workdir} holds checkpoints of a different run ({'; '.join(diffs)}). "
             "Use a new --workdir, or the saved values (see config.json there)."
         )
@@ -83,35 +125,73 @@ def write_config(workdir: str, config) -> None:
     os.replace(tmp, os.path.join(workdir, "config.json"))  # atomic: never half-written
 
 
-def with_defaults(saved: dict, defaults: dict) -> dict:
-    """A saved config completed with fields added to the lab since it was written (the
-    saved values win): older runs stay loadable for sampling and evaluation."""
-    out = dict(defaults)
-    for k, v in saved.items():
-        out[k] = (
-            with_defaults(v, defaults[k])
-            if isinstance(v, dict) and isinstance(defaults.get(k), dict)
-            else v
-        )
-    return out
+class WorkdirLock:
+    """One training process per workdir: an exclusive ``flock`` on DIR/.lock, which names
+    its holder (host, PID, start time, command).
 
+    The operating system drops the lock when its process dies however it dies, so a lock
+    file left by a dead process is stale: it is taken over with a warning naming the old
+    holder. A live holder is named in the refusal.
+    """
 
-def load_run_config(workdir: str):
-    """The ConfigDict saved in ``workdir``/config.json, completed with current defaults."""
-    import importlib.util
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self.fd = None
 
-    from ml_collections import ConfigDict
+    def _holder(self) -> dict:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} a diffax_lab run?")
-    with open(path) as f:
-        saved = json.load(f)
-    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    spec = importlib.util.spec_from_file_location(
-        "diffax_configs_ddpm", os.path.join(base, "ddpm.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    defaults = json.loads(module.get_config().to_json())
-    return ConfigDict(with_defaults(saved, defaults))
+    def acquire(self) -> WorkdirLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            h = self._holder()
+            who = f"PID {h.get('pid', '?')} on host {h.get('host', '?')}"
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
+            raise WorkdirError(
+                f"{os.path.dirname(self.path)} is being trained by {who} (since {since}); "
+                "one training run per --workdir. Wait for it, stop it (Ctrl-C saves and "
+                "exits), or use another --workdir. --mode=sample and --mode=eval may run "
+                "beside it."
+            ) from None
+        old = self._holder()
+        if old.get("pid"):
+            logging.warning(
+                "Took over the stale lock of PID %s on host %s (that process is gone).",
+                old.get("pid"),
+                old.get("host"),
+            )
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # a clean exit leaves no holder behind
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -1,12 +1,15 @@
 """Shared test helpers: tiny configs and small IDX datasets written by the tests themselves."""
 
-import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
+from diffax_lab import config_lib
 from diffax_lab.data.idx import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,12 +17,7 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def load_config(name="ddpm.py", arg="tiny"):
-    spec = importlib.util.spec_from_file_location(
-        "cfg_" + name[:-3], os.path.join(ROOT, "configs", name)
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return config_lib.load_config(f"{name}:{arg or ''}")
 
 
 def write_fake_idx(directory, n_train=64, n_test=32, size=28, gz=True, seed=0):
@@ -48,13 +46,7 @@ def tiny_config(data_dir, **overrides):
     config.data.dir = str(data_dir)
     config.data.num_examples = 0
     config.train.sample_every = 0
-    for dotted, value in overrides.items():
-        node = config
-        *path, last = dotted.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return config
+    return config_lib.apply_overrides(config, overrides)
 
 
 def run_cli(args, env_extra=None, timeout=300):
@@ -62,3 +54,28 @@ def run_cli(args, env_extra=None, timeout=300):
     cache = env.get("DIFFAX_JAX_CACHE", os.path.join(ROOT, ".jax_cache"))
     cmd = [sys.executable, "-m", "diffax_lab.main", f"--jax_cache_dir={cache}", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cache = env.get("DIFFAX_JAX_CACHE", os.path.join(ROOT, ".jax_cache"))
+    cmd = [sys.executable, "-m", "diffax_lab.main", f"--jax_cache_dir={cache}", *args]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_metrics(workdir, proc, min_step=1, timeout=240):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early: {proc.communicate()[1][-2000:]}")
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = [json.loads(x)["step"] for x in f if x.strip()]
+            if steps and max(steps) >= min_step:
+                return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no training step within the timeout")

@@ -6,8 +6,8 @@ import sys
 
 import jax
 
-from diffax_lab import train
-from diffax_lab.validation import ConfigError
+from diffax_lab.errors import ConfigError
+from diffax_lab.modes import train
 from tests.helpers import SMALL_UNET, tiny_config
 
 
@@ -25,11 +25,11 @@ def main(data_dir, out_dir):
             },
         )
         workdir = os.path.join(out_dir, f"dev{n}")
-        train.train(config, workdir)
+        train.run(config, workdir)
         curves[n] = [json.loads(x)["loss"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
     bad = tiny_config(data_dir, **{"train.num_devices": 4, "train.batch_size": 6})
     try:
-        train.train(bad, os.path.join(out_dir, "bad"))
+        train.run(bad, os.path.join(out_dir, "bad"))
         error = ""
     except ConfigError as e:
         error = str(e)

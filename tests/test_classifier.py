@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffax_lab import evaluate, sampling, train
-from diffax_lab.classifier import ClassifierExperiment, check_guidance_classifier
-from diffax_lab.experiment import Experiment
+from diffax_lab.errors import ConfigError
 from diffax_lab.models.classifier import Classifier
+from diffax_lab.modes import evaluate, sample, train
 from diffax_lab.sharding import make_mesh
-from diffax_lab.validation import ConfigError
+from diffax_lab.tasks import registry
 from tests.helpers import load_config, tiny_config, write_fake_idx
 
 
@@ -65,8 +64,8 @@ def test_clean_classifier_learns_and_reports_test_accuracy(fake_data, tmp_path):
         },
     )
     workdir = str(tmp_path / "clean")
-    train.train(config, workdir)
-    report = evaluate.evaluate(config, workdir)
+    train.run(config, workdir)
+    report = evaluate.run(config, workdir)
     assert report["num_examples"] == 128 and set(report) >= {"test_accuracy", "step"}
     assert report["test_accuracy"] > 0.3, report
     with open(os.path.join(workdir, "eval", "step_000150.json")) as f:
@@ -78,14 +77,14 @@ def guided_runs(fake_data, tmp_path_factory):
     """A tiny unconditional DDPM and a tiny noise-conditioned classifier on the same data."""
     root = tmp_path_factory.mktemp("guided")
     ddpm_dir, clf_dir = str(root / "ddpm"), str(root / "clf")
-    train.train(tiny_config(fake_data), ddpm_dir)
-    train.train(classifier_config(fake_data), clf_dir)
+    train.run(tiny_config(fake_data), ddpm_dir)
+    train.run(classifier_config(fake_data), clf_dir)
     return ddpm_dir, clf_dir
 
 
 def test_noisy_classifier_reports_accuracy_per_noise_level(fake_data, guided_runs):
     _, clf_dir = guided_runs
-    report = evaluate.evaluate(classifier_config(fake_data), clf_dir)
+    report = evaluate.run(classifier_config(fake_data), clf_dir)
     for key in (
         "test_accuracy",
         "test_accuracy_t0.25",
@@ -111,7 +110,7 @@ def test_classifier_guided_sampling_through_the_app(fake_data, guided_runs):
             "sample.sweep_scales": (0.0, 3.0),
         },
     )
-    out = sampling.sample(config, ddpm_dir)
+    out = sample.run(config, ddpm_dir)
     assert out["npz"].endswith("_s3.npz")
     with Image.open(os.path.join(ddpm_dir, "samples", "guidance_sweep.png")) as img:
         assert img.size[1] == 2 * (2 * 34 + 2)  # rows s = 0 and s = 3, 32x32 tiles, 2x
@@ -122,10 +121,10 @@ def test_classifier_guided_sampling_through_the_app(fake_data, guided_runs):
 
 def test_a_classifier_of_another_schedule_or_size_is_refused(fake_data):
     mesh = make_mesh(1)
-    model = Experiment(tiny_config(fake_data), mesh)
+    model = registry.build(tiny_config(fake_data), mesh)
     other = classifier_config(fake_data, **{"diffusion.schedule": "cosine"})
     with pytest.raises(ConfigError, match=r"trained on x_t of the cosine schedule"):
-        check_guidance_classifier(model, ClassifierExperiment(other, mesh))
+        model.check_guidance_classifier(registry.build(other, mesh))
     other = classifier_config(fake_data, **{"data.image_size": 16})
     with pytest.raises(ConfigError, match=r"takes 16x16x1 images, the model makes 32x32x1"):
-        check_guidance_classifier(model, ClassifierExperiment(other, mesh))
+        model.check_guidance_classifier(registry.build(other, mesh))

@@ -4,9 +4,9 @@ loading like a pretrained Hugging Face CLIP."""
 import jax.numpy as jnp
 import numpy as np
 
-from diffax_lab import evaluate, train
-from diffax_lab.clip_task import write_word_tokenizer
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
+from diffax_lab.modes import evaluate, train
+from diffax_lab.tasks.clip import write_word_tokenizer
 from tests.helpers import load_config, write_fake_idx
 
 
@@ -29,8 +29,8 @@ def test_trains_evaluates_and_exports_a_loadable_clip(tmp_path):
     config = load_config("clip.py", "tiny")
     config.data.dir, config.data.num_examples = str(data), 0
     workdir = str(tmp_path / "clip")
-    train.train(config, workdir)
-    report = evaluate.evaluate(config, workdir)
+    train.run(config, workdir)
+    report = evaluate.run(config, workdir)
     assert report["num_examples"] == 32 and 0.0 <= report["zero_shot_accuracy"] <= 1.0
     clip, params, cfg = load_clip(f"{workdir}/hf_clip")
     tok = load_tokenizer(f"{workdir}/hf_clip")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from diffax_lab import evaluate, train
+from diffax_lab.errors import ConfigError
 from diffax_lab.metrics.features import reference_features
-from diffax_lab.validation import ConfigError, validate_config
+from diffax_lab.modes import evaluate, train
+from diffax_lab.tasks.registry import check_config as validate_config
 from tests.helpers import load_config, tiny_config, write_fake_idx
 
 
@@ -52,7 +53,7 @@ def runs(tmp_path_factory):
     data_dir = write_fake_idx(root / "idx", n_train=64, n_test=32)
     judge = load_config("classifier.py", "tiny,clean")
     judge.data.dir, judge.data.num_examples = str(data_dir), 0
-    train.train(judge, str(root / "judge"))
+    train.run(judge, str(root / "judge"))
     return data_dir, str(root / "judge"), root
 
 
@@ -75,7 +76,7 @@ def eval_config(data_dir, judge_dir, **extra):
 def test_periodic_and_final_evaluation_report_their_sample_counts(runs):
     data_dir, judge_dir, root = runs
     workdir = str(root / "ddpm")
-    train.train(eval_config(data_dir, judge_dir, **{"eval.every_steps": 4}), workdir)
+    train.run(eval_config(data_dir, judge_dir, **{"eval.every_steps": 4}), workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         lines = [json.loads(x) for x in f]
     periodic = [x for x in lines if "eval_fd" in x]
@@ -85,7 +86,7 @@ def test_periodic_and_final_evaluation_report_their_sample_counts(runs):
     config = eval_config(
         data_dir, judge_dir, **{"eval.bpd_num_examples": 8, "eval.bpd_num_terms": 5}
     )
-    report = evaluate.evaluate(config, workdir)
+    report = evaluate.run(config, workdir)
     assert report["reference_cached"]  # the training-time evaluation computed it
     assert report["num_generated"] == 8 and report["num_real"] == 16
     assert report["feature_space"].startswith("classifier-fashion_mnist-")
@@ -112,4 +113,4 @@ def test_eval_settings_are_checked_before_compiling(runs, tmp_path):
         validate_config(config)
     config = eval_config(data_dir, str(tmp_path / "none"))
     with pytest.raises(ConfigError, match=r"config.eval.judge_workdir=.* holds no config.json"):
-        evaluate.evaluate(config, str(tmp_path / "run"))
+        evaluate.run(config, str(tmp_path / "run"))

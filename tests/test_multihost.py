@@ -11,8 +11,8 @@ import jax
 import numpy as np
 
 from diffax_lab import checkpointing
-from diffax_lab.experiment import Experiment
 from diffax_lab.sharding import make_mesh
+from diffax_lab.tasks import registry
 from tests.helpers import ROOT, SMALL_UNET, tiny_config, write_fake_idx
 
 
@@ -32,7 +32,7 @@ def cli(args, extra):
 
 
 def final_state(config, workdir):
-    exp = Experiment(config, make_mesh(1))
+    exp = registry.build(config, make_mesh(1))
     ckpt = checkpointing.Checkpointer(workdir)
     state, step = ckpt.restore_latest_good(exp.restore_target)
     ckpt.close()

@@ -5,8 +5,8 @@ import torch  # noqa: F401  (installed by .ci/setup for this test)
 from diffusers import UNet2DModel
 
 from benchmarks.diffusers_peer import unet_kwargs
-from diffax_lab.experiment import Experiment
 from diffax_lab.sharding import make_mesh
+from diffax_lab.tasks import registry
 from tests.helpers import load_config
 
 
@@ -25,7 +25,7 @@ def test_diffusers_unet_has_our_parameter_count(name, arg):
     CIFAR-10 preset is 35,746,307 in both, the google/ddpm-cifar10-32 network)."""
     config = load_config(name, arg)
     peer = UNet2DModel(**unet_kwargs(config.model, config.data.image_size, config.data.channels))
-    ours = Experiment(config, make_mesh(1)).count_params()
+    ours = registry.build(config, make_mesh(1)).count_params()
     assert sum(p.numel() for p in peer.parameters()) == ours
 
 

@@ -4,18 +4,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from diffax_lab import checkpointing, train
-from diffax_lab.experiment import Experiment
+from diffax_lab import checkpointing
+from diffax_lab.modes import train
 from diffax_lab.sharding import make_mesh
-from tests.helpers import ROOT, tiny_config, write_fake_idx
+from diffax_lab.tasks import registry
+from tests.helpers import start_cli, tiny_config, wait_for_metrics, write_fake_idx
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +23,11 @@ def fake_data(tmp_path_factory):
 
 def test_a_nan_step_is_skipped_and_counted(fake_data, tmp_path):
     two = jax.device_get(
-        train.train(tiny_config(fake_data, **{"train.num_steps": 2}), str(tmp_path / "a"))
+        train.run(tiny_config(fake_data, **{"train.num_steps": 2}), str(tmp_path / "a"))
     )
     workdir = str(tmp_path / "b")
     config = tiny_config(fake_data, **{"train.num_steps": 3, "train.fault_nan_steps": (2,)})
-    three = jax.device_get(train.train(config, workdir))
+    three = jax.device_get(train.run(config, workdir))
     assert int(three["step"]) == 3
     for name in ("params", "ema_params", "opt_state"):  # the NaN step changed nothing
         for x, y in zip(jax.tree.leaves(two[name]), jax.tree.leaves(three[name]), strict=True):
@@ -53,10 +51,10 @@ def test_persistent_nan_stops_the_run_without_a_bad_checkpoint(fake_data, tmp_pa
         },
     )
     with pytest.raises(train.NonFiniteError, match=r"2 consecutive non-finite steps up to step 3"):
-        train.train(config, workdir)
+        train.run(config, workdir)
     ckpt = checkpointing.Checkpointer(workdir)
     assert ckpt.latest_step() == 2  # step 1 trained, step 2 skipped (finite, unchanged)
-    exp = Experiment(config, make_mesh(1))
+    exp = registry.build(config, make_mesh(1))
     state = ckpt.restore(ckpt.latest_step(), exp.restore_target)
     ckpt.close()
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
@@ -66,7 +64,7 @@ def test_persistent_nan_stops_the_run_without_a_bad_checkpoint(fake_data, tmp_pa
 def straight(fake_data, tmp_path_factory):
     """Four steps with checkpoints at 2 and 4: the reference for the recovery tests."""
     workdir = tmp_path_factory.mktemp("straight")
-    state = train.train(tiny_config(fake_data), str(workdir))
+    state = train.run(tiny_config(fake_data), str(workdir))
     return jax.device_get(state), str(workdir)
 
 
@@ -116,7 +114,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
         truncate(largest_array_file(step_dir))
     else:
         drop_metadata(step_dir)
-    state = train.train(tiny_config(fake_data), workdir)  # restores 2, trains 2 -> 4 again
+    state = train.run(tiny_config(fake_data), workdir)  # restores 2, trains 2 -> 4 again
     assert "checkpoint 4" in capsys.readouterr().out
     assert os.path.isdir(os.path.join(workdir, "checkpoints_corrupt", "4"))  # kept, not deleted
     assert_same_state(ref, jax.device_get(state))
@@ -125,7 +123,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
     ckpt.close()
 
 
-def test_sigterm_saves_the_current_step_and_exits_zero(fake_data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_next_step_and_exits_zero(fake_data, tmp_path, signum):
+    """SIGTERM (preemption) and the first Ctrl-C both save and exit 0; a rerun resumes."""
     workdir = str(tmp_path / "run")
     args = [
         "--config=configs/ddpm.py:tiny",
@@ -139,14 +139,15 @@ def test_sigterm_saves_the_current_step_and_exits_zero(fake_data, tmp_path):
     ]
     proc = start_cli(args)
     wait_for_metrics(workdir, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     ckpt = checkpointing.Checkpointer(workdir)
     steps = ckpt.all_steps()
     ckpt.close()
     assert len(steps) == 1 and 0 < steps[0] < 100000
-    assert f"Preempted (SIGTERM): saved step {steps[0]}" in err
+    assert f"Saved step {steps[0]} in" in err and "rerun the same command" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
 def test_sigkill_during_saves_resumes_from_the_last_complete_one(fake_data, straight, tmp_path):
@@ -174,30 +175,5 @@ def test_sigkill_during_saves_resumes_from_the_last_complete_one(fake_data, stra
     ckpt.close()
     if resumed_from is not None and resumed_from > 4:
         pytest.fail(f"the killed run got to step {resumed_from}; the check needs <= 4")
-    state = train.train(tiny_config(fake_data, **{"train.checkpoint_every": 1}), workdir)
+    state = train.run(tiny_config(fake_data, **{"train.checkpoint_every": 1}), workdir)
     assert_same_state(ref, jax.device_get(state))
-
-
-def start_cli(args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cache = env.get("DIFFAX_JAX_CACHE", os.path.join(ROOT, ".jax_cache"))
-    cmd = [sys.executable, "-m", "diffax_lab.main", f"--jax_cache_dir={cache}", *args]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for_metrics(workdir, proc, min_step=1, timeout=240):
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended early: {proc.communicate()[1][-2000:]}")
-        if os.path.exists(path):
-            with open(path) as f:
-                steps = [json.loads(x)["step"] for x in f if x.strip()]
-            if steps and max(steps) >= min_step:
-                return
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("no training step within the timeout")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffax_lab import evaluate, sampling, text2img, train
+from diffax_lab.evaluators.clip_score import clip_report
+from diffax_lab.modes import evaluate, sample, train
 from tests.helpers import load_config, write_fake_idx
 
 
@@ -17,21 +18,21 @@ def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
     data = write_fake_idx(tmp_path / "data", n_train=64, n_test=32)
     clip = load_config("clip.py", "tiny")
     clip.data.dir, clip.data.num_examples = str(data), 0
-    train.train(clip, str(tmp_path / "clip"))
+    train.run(clip, str(tmp_path / "clip"))
 
     config = load_config("text2img.py", "tiny")
     config.data.dir, config.data.num_examples = str(data), 0
     config.text.clip_dir = str(tmp_path / "clip" / "hf_clip")
     workdir = str(tmp_path / "t2i")
-    train.train(config, workdir)
+    train.run(config, workdir)
     cached = glob.glob(os.path.join(workdir, "clip_embeddings_train_*.npz"))
     assert len(cached) == 1
     mtime = os.path.getmtime(cached[0])
     config.train.num_steps = 6
-    train.train(config, workdir)  # resumes; the embeddings are reused, not recomputed
+    train.run(config, workdir)  # resumes; the embeddings are reused, not recomputed
     assert os.path.getmtime(cached[0]) == mtime
 
-    out = sampling.sample(config, workdir)
+    out = sample.run(config, workdir)
     grid = out["grid"].replace(".png", "_prompts.png")
     with Image.open(grid) as img:  # two prompts: two rows of two 28x28 tiles, scaled 2x
         assert img.size[1] == 2 * (2 * 30 + 2)
@@ -39,7 +40,7 @@ def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
     # --mode=eval: the test loss conditioned on the test images' own embeddings, and the
     # CLIP scores of samples drawn from the class prompts beside real images'.
     config.eval.clip_dir = config.text.clip_dir  # "independent": here the same CLIP again
-    report = evaluate.evaluate(config, workdir)
+    report = evaluate.run(config, workdir)
     assert report["step"] == 6 and report["num_generated"] == config.eval.num_samples
     assert np.isfinite(report["test_loss"])
     for key in ("clip_score", "clip_score_shuffled", "real_clip_score", "real_clip_score_shuffled"):
@@ -64,7 +65,7 @@ def test_clip_report_scores_matched_shuffled_and_real_pairs():
     real_y = np.arange(n) % k
     fake = 3.0 * prompts[fake_y]  # scale does not matter: cosines
     real = prompts[(real_y + 1) % k]  # every real image looks like the next class
-    r = text2img.clip_report(prompts, fake, fake_y, real, real_y, seed=0)
+    r = clip_report(prompts, fake, fake_y, real, real_y, seed=0)
     assert r["clip_score"] == pytest.approx(100.0) and r["clip_score_sem"] == 0.0
     assert r["clip_accuracy"] == 1.0
     kept = np.mean(fake_y[np.random.default_rng(0).permutation(n)] == fake_y)
@@ -73,5 +74,5 @@ def test_clip_report_scores_matched_shuffled_and_real_pairs():
     assert r["real_clip_score"] == pytest.approx(0.0) and r["real_clip_accuracy"] == 0.0
     assert r["num_real_clip"] == n
     # Negative cosines are clipped to 0, as torchmetrics' CLIP score does.
-    r = text2img.clip_report(prompts, -prompts[fake_y], fake_y, real, real_y)
+    r = clip_report(prompts, -prompts[fake_y], fake_y, real, real_y)
     assert r["clip_score"] == 0.0

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffax_lab import checkpointing, train
-from diffax_lab.experiment import Experiment
+from diffax_lab import checkpointing
+from diffax_lab.modes import train
 from diffax_lab.sharding import make_mesh
+from diffax_lab.tasks import registry
 from tests.helpers import FASHION_DIR, run_cli, tiny_config, write_fake_idx
 
 
@@ -23,7 +24,7 @@ def fake_data(tmp_path_factory):
 def uninterrupted(fake_data, tmp_path_factory):
     """Four steps straight through: the reference for every resume test."""
     workdir = tmp_path_factory.mktemp("straight")
-    state = train.train(tiny_config(fake_data), str(workdir))
+    state = train.run(tiny_config(fake_data), str(workdir))
     return jax.device_get(state), workdir
 
 
@@ -35,9 +36,9 @@ def assert_states_equal(a, b):
 def test_resume_is_bit_identical(fake_data, uninterrupted, tmp_path):
     ref, ref_dir = uninterrupted
     workdir = str(tmp_path / "run")
-    half = train.train(tiny_config(fake_data, **{"train.num_steps": 2}), workdir)
+    half = train.run(tiny_config(fake_data, **{"train.num_steps": 2}), workdir)
     assert int(half["step"]) == 2
-    resumed = train.train(tiny_config(fake_data), workdir)  # num_steps=4: continues from 2
+    resumed = train.run(tiny_config(fake_data), workdir)  # num_steps=4: continues from 2
     assert int(resumed["step"]) == 4
     assert_states_equal(jax.device_get(resumed), ref)
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -45,7 +46,7 @@ def test_resume_is_bit_identical(fake_data, uninterrupted, tmp_path):
     assert [x["step"] for x in lines] == [2, 4]
     assert lines[-1]["loss"] == ref_lines[-1]["loss"]
     # Nothing left to do: a third run leaves the state as it is.
-    again = train.train(tiny_config(fake_data), workdir)
+    again = train.run(tiny_config(fake_data), workdir)
     assert_states_equal(jax.device_get(again), ref)
 
 
@@ -56,14 +57,14 @@ def test_host_placement_sees_the_same_batches(fake_data, uninterrupted, tmp_path
     by the size of a whole update (~lr = 1e-4 per step), far outside this tolerance.
     """
     ref, _ = uninterrupted
-    state = train.train(tiny_config(fake_data, **{"data.placement": "host"}), str(tmp_path / "h"))
+    state = train.run(tiny_config(fake_data, **{"data.placement": "host"}), str(tmp_path / "h"))
     for x, y in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
 
 
 def test_ema_and_training_move_parameters(uninterrupted, fake_data):
     ref, _ = uninterrupted
-    init = jax.device_get(Experiment(tiny_config(fake_data), make_mesh(1)).create_state())
+    init = jax.device_get(registry.build(tiny_config(fake_data), make_mesh(1)).create_state())
     moved = [
         float(np.max(np.abs(a - b)))
         for a, b in zip(
@@ -144,7 +145,7 @@ def test_cli_resume_on_test_written_idx(fake_data, uninterrupted, tmp_path):
     r = run_cli(common)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming from the checkpoint at step 2" in r.stderr
-    exp = Experiment(tiny_config(fake_data), make_mesh(1))
+    exp = registry.build(tiny_config(fake_data), make_mesh(1))
     ckpt = checkpointing.Checkpointer(workdir)
     assert ckpt.all_steps() == [2, 4]
     state = ckpt.restore(4, exp.restore_target)
@@ -192,20 +193,20 @@ def test_cfg_weight_changes_samples_and_zero_weight_is_conditional(fake_data, tm
     config = tiny_config(
         fake_data, **{"model.num_classes": 10, "train.p_uncond": 0.5, "train.num_steps": 2}
     )
-    state = train.train(config, str(tmp_path / "run"))
+    state = train.run(config, str(tmp_path / "run"))
     # Random parameters everywhere, so the label and its null token both reach the output.
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda p: jax.numpy.asarray(0.05 * rng.standard_normal(p.shape), p.dtype),
         state["ema_params"],
     )
-    exp = Experiment(config, make_mesh(1))
+    exp = registry.build(config, make_mesh(1))
     key = jax.random.PRNGKey(0)
     a, _, _ = exp.generate(params, 4, key, labels=(0, 1, 2, 3), guidance_scale=0.0)
     b, _, _ = exp.generate(params, 4, key, labels=(0, 1, 2, 3), guidance_scale=2.0)
     assert float(np.max(np.abs(a - b))) > 1e-3
     config.train.p_uncond = 0.0  # no CFG wrapper: plain conditional sampling
-    plain = Experiment(config, make_mesh(1))
+    plain = registry.build(config, make_mesh(1))
     c, _, _ = plain.generate(params, 4, key, labels=(0, 1, 2, 3))
     np.testing.assert_allclose(a, c, atol=1e-4)
 
@@ -216,7 +217,7 @@ def test_extending_by_one_step_saves_it(fake_data, uninterrupted, tmp_path):
 
     workdir = tmp_path / "ext"
     shutil.copytree(ref_dir, workdir)
-    state = train.train(tiny_config(fake_data, **{"train.num_steps": 5}), str(workdir))
+    state = train.run(tiny_config(fake_data, **{"train.num_steps": 5}), str(workdir))
     assert int(state["step"]) == 5
     assert 5 in checkpointing.Checkpointer(str(workdir)).all_steps()
     assert json.loads(open(workdir / "metrics.jsonl").readlines()[-1])["step"] == 5

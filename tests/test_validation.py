@@ -2,9 +2,11 @@
 
 import pytest
 
-from diffax_lab import experiment, train
 from diffax_lab.data import DataError
-from diffax_lab.validation import ConfigError, validate_config
+from diffax_lab.errors import ConfigError
+from diffax_lab.modes import evaluate, sample, train
+from diffax_lab.tasks.base import Task
+from diffax_lab.tasks.registry import check_config as validate_config
 from tests.helpers import load_config, tiny_config, write_fake_idx
 
 
@@ -15,7 +17,7 @@ def no_compilation(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the train step was built before the bad input was reported")
 
-    monkeypatch.setattr(experiment.Experiment, "make_train_step", fail)
+    monkeypatch.setattr(Task, "make_train_step", fail)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +61,7 @@ def test_defaults_are_valid():
 def test_missing_data_dir_fails_before_compiling(tmp_path):
     config = tiny_config("/no/such/fashion")
     with pytest.raises(DataError, match=r"/no/such/fashion.*apt-get install dataset-fashion-mnist"):
-        train.train(config, str(tmp_path / "run"))
+        train.run(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -68,31 +70,31 @@ def test_truncated_idx_fails_before_compiling(tmp_path):
     path = tmp_path / "data" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(DataError, match="train-images-idx3-ubyte is truncated"):
-        train.train(tiny_config(tmp_path / "data"), str(tmp_path / "run"))
+        train.run(tiny_config(tmp_path / "data"), str(tmp_path / "run"))
 
 
 def test_batch_larger_than_dataset(tmp_path):
     write_fake_idx(tmp_path / "data", n_train=8)
     with pytest.raises(ConfigError, match=r"config.train.batch_size=16 exceeds the 8"):
-        train.train(tiny_config(tmp_path / "data"), str(tmp_path / "run"))
+        train.run(tiny_config(tmp_path / "data"), str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("workdir", ["", "/", "  "])
 def test_refuses_empty_or_root_workdir(workdir, tmp_path):
     write_fake_idx(tmp_path / "data")
     with pytest.raises(ConfigError, match="workdir"):
-        train.train(tiny_config(tmp_path / "data"), workdir)
+        train.run(tiny_config(tmp_path / "data"), workdir)
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path):
     write_fake_idx(tmp_path / "data")
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "checkpoints" / "2").mkdir(parents=True)  # it holds a saved step
     (run / "config.json").write_text(tiny_config(tmp_path / "data").to_json())
     saved = (run / "config.json").read_text()
     config = tiny_config(tmp_path / "data", **{"model.base_channels": 32})
     with pytest.raises(ConfigError, match=r"model.base_channels: 16 -> 32.*new --workdir"):
-        train.train(config, str(run))
+        train.run(config, str(run))
     assert (run / "config.json").read_text() == saved  # nothing saved was overwritten
 
 
@@ -100,7 +102,7 @@ def test_label_out_of_range_for_class_conditional(tmp_path):
     write_fake_idx(tmp_path / "data")
     config = tiny_config(tmp_path / "data", **{"model.num_classes": 3})
     with pytest.raises(ConfigError, match=r"config.model.num_classes=3 but the data has label"):
-        train.train(config, str(tmp_path / "run"))
+        train.run(config, str(tmp_path / "run"))
 
 
 def test_guidance_needs_a_trained_null_label():
@@ -139,12 +141,11 @@ def test_classifier_guidance_needs_a_classifier_workdir(tmp_path):
         validate_config(config)
     config.sample.classifier_workdir = str(tmp_path / "nothing")
     validate_config(config)  # the directory itself is checked when sampling loads it
-    from diffax_lab import sampling
 
     write_fake_idx(tmp_path / "data")
     config.data.dir = str(tmp_path / "data")
     with pytest.raises(ConfigError, match=r"config.sample.classifier_workdir=.*no config.json"):
-        sampling.sample(config, str(tmp_path / "run"))
+        sample.run(config, str(tmp_path / "run"))
 
 
 def test_text2img_eval_fields_are_checked(tmp_path):
@@ -164,11 +165,9 @@ def test_text2img_eval_fields_are_checked(tmp_path):
         with pytest.raises(ConfigError, match=pattern):
             validate_config(config)
     # A CLIP directory that is not there is named with its field, before anything compiles.
-    from diffax_lab import evaluate
-
     write_fake_idx(tmp_path / "data")
     config = load_config("text2img.py", "tiny")
     config.data.dir = str(tmp_path / "data")
     config.text.clip_dir = str(tmp_path / "no_clip")
     with pytest.raises(ConfigError, match=r"config.text.clip_dir=.*no_clip"):
-        evaluate.evaluate(config, str(tmp_path / "run"))
+        evaluate.run(config, str(tmp_path / "run"))

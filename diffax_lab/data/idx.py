@@ -12,16 +12,14 @@ import os
 
 import numpy as np
 
+from diffax_lab.errors import DataError
+
 GET_DATA_HINT = (
     "Get Fashion-MNIST with `apt-get install dataset-fashion-mnist` (files land in "
     "/usr/share/datasets/fashion-mnist), or point data.dir (or $DIFFAX_DATA_DIR) at a folder "
     "holding train-images-idx3-ubyte[.gz] and friends, or use data.source='tfds'."
 )
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
-
-
-class DataError(ValueError):
-    """Missing or malformed data; the message names the path and how to get the data."""
 
 
 def read_idx(path: str) -> np.ndarray:

@@ -32,6 +32,19 @@ SAMPLERS: dict[str, Callable] = {}
 SAMPLER_GRIDS: dict[str, str] = {}
 VARIANCES = ("beta", "beta_tilde")
 KARRAS_RHO = 7.0
+# The one set of sampling defaults: ``sample`` below and the ``sample`` section of
+# configs/ddpm.py (the command line) both take these. Data lives in [-1, 1], so the predicted
+# x_0 is clipped there; DDPM's reverse variance is beta_t (Ho et al. 2020, sec. 3.2: the
+# better choice for data that is not a single point). Analytic targets outside [-1, 1] pass
+# ``clip_x0=None``.
+DEFAULTS = {
+    "sampler": "ddpm",
+    "num_steps": 0,
+    "spacing": "uniform",
+    "variance": "beta",
+    "eta": 0.0,
+    "clip_x0": 1.0,
+}
 
 
 class GridPoint(NamedTuple):
@@ -62,7 +75,7 @@ def register_sampler(name: str, grid: str = "discrete"):
 
 
 @register_sampler("ddpm")
-def ddpm_step(denoise, x, carry, cur, nxt, key, *, variance="beta_tilde"):
+def ddpm_step(denoise, x, carry, cur, nxt, key, *, variance=DEFAULTS["variance"]):
     """Ancestral step of Ho et al. (2020), Algorithm 2, written through the posterior.
 
     The mean is the posterior mean of q(x_prev | x_t, x0_hat) (eqs. 7 and 11 agree for an
@@ -221,11 +234,11 @@ def sample(
     shape,
     key,
     *,
-    sampler: str = "ddpm",
+    sampler: str = DEFAULTS["sampler"],
     num_steps: int | None = None,
-    spacing: str = "uniform",
+    spacing: str = DEFAULTS["spacing"],
     prediction: str = "eps",
-    clip_x0: float | None = None,
+    clip_x0: float | None = DEFAULTS["clip_x0"],
     num_trajectory: int = 0,
     x_T=None,
     **sampler_kwargs,

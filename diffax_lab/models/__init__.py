@@ -1,10 +1,19 @@
-"""Networks only: they know nothing of schedules or losses."""
+"""Networks only: they know nothing of schedules or losses.
+
+One registry of networks, chosen by ``config.model.name``: a builder takes the whole config
+(a network's size can depend on the data section) and returns a Flax module. A new network
+is one ``@register_model("name")`` function here or beside its module.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax.numpy as jnp
 
+from diffax_lab.errors import ConfigError
 from diffax_lab.models.classifier import Classifier
+from diffax_lab.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from diffax_lab.models.unet import UNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,13 +34,42 @@ def ddpm_cifar10_unet(**overrides) -> UNet:
     return UNet(**kwargs)
 
 
-def get_model(model_config, out_channels: int) -> UNet:
-    """Builds the U-Net from the config's ``model`` section."""
-    c = model_config
+MODELS: dict[str, Callable] = {}
+
+
+def register_model(name: str):
+    """Decorator: ``builder(config) -> flax module`` selectable as ``model.name = name``."""
+
+    def wrap(fn):
+        if name in MODELS:
+            raise ValueError(f"Model {name!r} is registered twice.")
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_model(config):
+    """The network named by ``config.model.name``, built from the config."""
+    name = config.model.get("name", "unet")
+    if name not in MODELS:
+        raise ConfigError(f"config.model.name={name!r} must be one of {sorted(MODELS)}.")
+    return MODELS[name](config)
+
+
+def compute_dtype(config):
+    c = config.model
     if c.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {c.dtype!r}.")
+        raise ConfigError(f"config.model.dtype={c.dtype!r} must be one of {sorted(DTYPES)}.")
+    return DTYPES[c.dtype]
+
+
+@register_model("unet")
+def build_unet(config, out_channels: int | None = None) -> UNet:
+    """The U-Net from the ``model`` section; it predicts data.channels channels."""
+    c = config.model
     return UNet(
-        out_channels=out_channels,
+        out_channels=out_channels or config.data.channels,
         base_channels=c.base_channels,
         channel_mult=tuple(c.channel_mult),
         num_res_blocks=c.num_res_blocks,
@@ -48,15 +86,15 @@ def get_model(model_config, out_channels: int) -> UNet:
         upsample_output_padding=c.upsample_output_padding,
         num_classes=c.num_classes,
         cond_dim=c.cond_dim,
-        dtype=DTYPES[c.dtype],
+        dtype=compute_dtype(config),
     )
 
 
-def get_classifier(model_config) -> Classifier:
-    """The noise-conditioned classifier from a classifier config's ``model`` section."""
-    c = model_config
-    if c.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {c.dtype!r}.")
+@register_model("classifier")
+def build_classifier(config) -> Classifier:
+    """The noise-conditioned classifier (the U-Net's encoder, pooled); model.num_classes
+    outputs."""
+    c = config.model
     return Classifier(
         num_classes=c.num_classes,
         base_channels=c.base_channels,
@@ -68,5 +106,37 @@ def get_classifier(model_config) -> Classifier:
         num_groups=c.num_groups,
         activation=c.activation,
         downsample=c.downsample,
-        dtype=DTYPES[c.dtype],
+        dtype=compute_dtype(config),
     )
+
+
+def clip_config(config) -> CLIPConfig:
+    """The CLIP architecture of a ``clip`` section (the lab's CLIP, configs/clip.py)."""
+    k = config.clip
+    return CLIPConfig(
+        text=TextConfig(
+            vocab_size=k.vocab_size,
+            hidden_size=k.text_width,
+            intermediate_size=4 * k.text_width,
+            num_hidden_layers=k.text_layers,
+            num_attention_heads=k.heads,
+            max_position_embeddings=k.context_length,
+            eos_token_id=1,
+        ),
+        vision=VisionConfig(
+            hidden_size=k.vision_width,
+            intermediate_size=4 * k.vision_width,
+            num_hidden_layers=k.vision_layers,
+            num_attention_heads=k.heads,
+            image_size=config.data.image_size,
+            patch_size=k.patch_size,
+            num_channels=3,
+        ),
+        projection_dim=k.projection_dim,
+    )
+
+
+@register_model("clip")
+def build_clip(config) -> CLIP:
+    """CLIP in Hugging Face's parameter layout, computing in model.dtype."""
+    return CLIP(clip_config(config), compute_dtype(config))

@@ -7,8 +7,9 @@ image. The loss is CLIP's symmetric InfoNCE with a learned temperature (logit sc
 clipped at ln 100). The tokenizer is a word-level byte-pair vocabulary in CLIP's format
 built from the captions' words, written beside the weights, so the saved directory
 (``DIR/hf_clip``: config.json, model.safetensors of the EMA weights, vocab.json,
-merges.txt) loads offline wherever a pretrained CLIP does. ``--mode=eval`` reports the
-zero-shot accuracy on the test split with "a photo of a {class}" prompts.
+merges.txt) loads offline wherever a pretrained CLIP does. The CLIP computes in
+``model.dtype``. Evaluation (evaluator ``zero_shot``): zero-shot accuracy on the test split
+with "a photo of a {class}" prompts.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
+from diffax_lab.config_lib import check_number
 from diffax_lab.data.captions import FASHION_MNIST_CLASSES, TEMPLATES
-from diffax_lab.experiment import Experiment
-from diffax_lab.metrics.clip_score import clip_preprocess, cosine
-from diffax_lab.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from diffax_lab.errors import ConfigError
+from diffax_lab.metrics.clip_score import clip_preprocess
+from diffax_lab.models import clip_config, get_model
 from diffax_lab.models.clip_io import load_tokenizer, save_clip
+from diffax_lab.tasks.base import Task, predict_in_batches
+from diffax_lab.tasks.registry import register
 
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -70,36 +75,42 @@ def write_word_tokenizer(path: str, texts) -> None:
         json.dump(special, f)
 
 
-def clip_config(c) -> CLIPConfig:
-    k = c.clip
-    return CLIPConfig(
-        text=TextConfig(
-            vocab_size=k.vocab_size,
-            hidden_size=k.text_width,
-            intermediate_size=4 * k.text_width,
-            num_hidden_layers=k.text_layers,
-            num_attention_heads=k.heads,
-            max_position_embeddings=k.context_length,
-            eos_token_id=1,
-        ),
-        vision=VisionConfig(
-            hidden_size=k.vision_width,
-            intermediate_size=4 * k.vision_width,
-            num_hidden_layers=k.vision_layers,
-            num_attention_heads=k.heads,
-            image_size=c.data.image_size,
-            patch_size=k.patch_size,
-            num_channels=3,
-        ),
-        projection_dim=k.projection_dim,
-    )
+@register
+class ClipTask(Task):
+    name = "clip"
+    metrics = ("zero_shot",)
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if "clip" not in config:
+            raise ConfigError("config.task='clip' needs a config.clip section (configs/clip.py).")
+        for f in (
+            "vocab_size",
+            "context_length",
+            "text_width",
+            "text_layers",
+            "vision_width",
+            "vision_layers",
+            "heads",
+            "patch_size",
+            "projection_dim",
+        ):
+            check_number(config, "clip." + f, low=1, integer=True)
+        k = config.clip
+        for f in ("text_width", "vision_width"):
+            if k[f] % k.heads:
+                raise ConfigError(f"config.clip.heads={k.heads} must divide clip.{f}={k[f]}.")
+        if config.data.image_size % k.patch_size:
+            raise ConfigError(
+                f"config.clip.patch_size={k.patch_size} must divide data.image_size="
+                f"{config.data.image_size}."
+            )
 
-class ClipExperiment(Experiment):
-    def build_model(self):
+    def build(self):
         c = self.config
         self.clip_config = clip_config(c)
-        self.model = CLIP(self.clip_config)
+        self.model = get_model(c)
         self.class_names = FASHION_MNIST_CLASSES
         self.templates = TEMPLATES
         self.tokenizer_dir = tempfile.mkdtemp(prefix="diffax_clip_tokenizer_")
@@ -107,7 +118,10 @@ class ClipExperiment(Experiment):
         write_word_tokenizer(self.tokenizer_dir, texts)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         if len(self.tokenizer) > c.clip.vocab_size:
-            raise ValueError(f"clip.vocab_size={c.clip.vocab_size} < {len(self.tokenizer)} tokens.")
+            raise ConfigError(
+                f"config.clip.vocab_size={c.clip.vocab_size} < the tokenizer's "
+                f"{len(self.tokenizer)} tokens; raise it."
+            )
         ids, mask = self.tokenize(texts)
         k, t = len(self.class_names), len(self.templates)
         self.caption_ids = ids.reshape(k, t, -1)
@@ -134,15 +148,24 @@ class ClipExperiment(Experiment):
         """Images in [-1, 1] (the data pipeline's range) -> CLIP's normalised input."""
         return clip_preprocess((x + 1.0) / 2.0, self.config.data.image_size)
 
+    def encode_images(self, params, x):
+        """L2-normalised float32 embeddings of images in [-1, 1]."""
+        e = self.model.apply({"params": params}, self.pixels(x), method="encode_image")
+        e = e.astype(jnp.float32)
+        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+    def encode_texts(self, params, ids, mask):
+        """L2-normalised float32 embeddings of token ids."""
+        e = self.model.apply({"params": params}, ids, mask, method="encode_text")
+        e = e.astype(jnp.float32)
+        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
     def train_loss(self, params, x0, labels, keys):
         _, template_key, _ = keys
         which = jax.random.randint(template_key, labels.shape, 0, len(self.templates))
         ids = self.caption_ids[labels, which]
         mask = self.caption_mask[labels, which]
-        img = self.model.apply({"params": params}, self.pixels(x0), method="encode_image")
-        txt = self.model.apply({"params": params}, ids, mask, method="encode_text")
-        img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
-        txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+        img, txt = self.encode_images(params, x0), self.encode_texts(params, ids, mask)
         scale = jnp.exp(jnp.minimum(params["logit_scale"], math.log(100.0)))
         logits = scale * img @ txt.T
         target = jnp.arange(logits.shape[0])
@@ -151,14 +174,8 @@ class ClipExperiment(Experiment):
             + optax.softmax_cross_entropy_with_integer_labels(logits.T, target).mean()
         )
         # Zero-shot accuracy of the batch against the first template of every class.
-        class_txt = self.model.apply(
-            {"params": params},
-            self.caption_ids[:, 0],
-            self.caption_mask[:, 0],
-            method="encode_text",
-        )
-        sims = img @ (class_txt / jnp.linalg.norm(class_txt, axis=-1, keepdims=True)).T
-        acc = jnp.mean(jnp.argmax(sims, -1) == labels)
+        class_txt = self.encode_texts(params, self.caption_ids[:, 0], self.caption_mask[:, 0])
+        acc = jnp.mean(jnp.argmax(img @ class_txt.T, -1) == labels)
         return loss, {"zero_shot_accuracy": acc, "logit_scale": scale}
 
     def zero_shot_accuracy(self, params, images_u8, labels, batch_size=500, template=0):
@@ -167,18 +184,16 @@ class ClipExperiment(Experiment):
 
         @jax.jit
         def predict(x):
-            img = self.model.apply({"params": params}, self.pixels(x), method="encode_image")
-            txt = self.model.apply({"params": params}, ids, mask, method="encode_text")
-            return jnp.argmax(cosine(img[:, None], txt[None]), axis=-1)
+            img, txt = self.encode_images(params, x), self.encode_texts(params, ids, mask)
+            return jnp.argmax(img @ txt.T, axis=-1)
 
-        preds = []
-        for i in range(0, len(images_u8), batch_size):
-            x = np.asarray(images_u8[i : i + batch_size], np.float32) / 127.5 - 1.0
-            preds.append(np.asarray(predict(x)))
-        return float(np.mean(np.concatenate(preds) == labels))
+        preds = predict_in_batches(predict, images_u8, batch_size)
+        return float(np.mean(preds == labels))
 
-    def export(self, params, path: str) -> str:
-        """The Hugging Face layout: config, safetensors weights and the tokenizer files."""
+    def export(self, params, workdir: str) -> str:
+        """DIR/hf_clip in the Hugging Face layout: config, safetensors weights, tokenizer."""
+        path = os.path.join(workdir, "hf_clip")
         save_clip(path, self.clip_config, jax.device_get(params))
         self.tokenizer.save_pretrained(path)
+        logging.info("Wrote the CLIP (EMA weights, Hugging Face layout) to %s.", path)
         return path

@@ -1,0 +1,238 @@
+"""Text-to-image through CLIP (``config.task = "text2img"``; the DLI course's Part 5
+recipe, configs/text2img.py).
+
+Training conditions the U-Net on the CLIP *image* embeddings of the training images
+(``model.cond_dim`` = the CLIP's projection size), computed once and cached in
+``DIR/clip_embeddings_<split>_<digest>.npz``; ``train.p_uncond`` of them are replaced by the
+learned null vector. Sampling conditions on the CLIP *text* embeddings of
+``sample.prompts`` (CLIP's shared space is what makes this work) with classifier-free
+guidance of weight ``sample.guidance_scale``. Embeddings are L2-normalised. The CLIPs
+compute in ``model.dtype``.
+
+``--mode=eval`` (evaluator ``clip_score``) draws ``eval.num_samples`` images from the
+prompts ``text.template.format(class)`` for the classes ``text.class_names`` in turn and
+scores them in the conditioning CLIP's space and, with ``eval.clip_dir``, in an
+independent CLIP's (see diffax_lab/evaluators/clip_score.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from diffax_lab import images
+from diffax_lab.config_lib import check_number
+from diffax_lab.data import load_split, pipeline
+from diffax_lab.errors import ConfigError
+from diffax_lab.metrics.clip_score import clip_preprocess
+from diffax_lab.metrics.features import reference_features
+from diffax_lab.models import compute_dtype
+from diffax_lab.models.clip_io import load_clip, load_tokenizer
+from diffax_lab.tasks.denoising import DenoisingTask
+from diffax_lab.tasks.registry import register
+
+
+class TextEncoder:
+    """A CLIP directory (Hugging Face layout) as image and text embedders; also a feature
+    extractor (``name``, ``__call__``) for the cached-features helpers."""
+
+    def __init__(self, clip_dir: str, field: str = "config.text.clip_dir", dtype=jnp.float32):
+        if not clip_dir:
+            raise ConfigError(
+                f"{field} is empty: give a CLIP directory (Hugging Face layout), "
+                "e.g. workdirs/clip/hf_clip from configs/clip.py, or a hub id when online."
+            )
+        try:
+            self.model, self.params, self.config = load_clip(clip_dir, dtype)
+            self.tokenizer = load_tokenizer(clip_dir)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{field}={clip_dir!r}: {e}") from e
+        self.clip_dir = clip_dir
+        self.dim = self.config.projection_dim
+        h = hashlib.sha256()
+        for x in jax.tree.leaves(self.params):
+            h.update(np.asarray(x).tobytes())
+        self.digest = h.hexdigest()[:12]
+        self.name = f"clip-{self.digest}-{jnp.dtype(dtype).name}"
+        size = self.config.vision.image_size
+
+        @jax.jit
+        def embed_images(x_u8):
+            pix = clip_preprocess(x_u8, size)
+            e = self.model.apply({"params": self.params}, pix, method="encode_image")
+            e = e.astype(jnp.float32)
+            return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+        @jax.jit
+        def embed_texts(ids, mask):
+            e = self.model.apply({"params": self.params}, ids, mask, method="encode_text")
+            e = e.astype(jnp.float32)
+            return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+        self._images, self._texts = embed_images, embed_texts
+
+    def embed_images(self, images_u8: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        return np.concatenate(
+            [
+                np.asarray(self._images(images_u8[i : i + batch_size]))
+                for i in range(0, len(images_u8), batch_size)
+            ]
+        )
+
+    __call__ = embed_images
+
+    def embed_texts(self, prompts) -> np.ndarray:
+        t = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.config.text.max_position_embeddings,
+            truncation=True,
+            return_tensors="np",
+        )
+        return np.asarray(
+            self._texts(jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"]))
+        )
+
+
+@register
+class Text2ImgTask(DenoisingTask):
+    name = "text2img"
+    metrics = ("loss", "clip_score", "fd", "kid", "pr", "bpd")
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.eval.get("every_steps", 0):
+            raise ConfigError(
+                "config.eval.every_steps must be 0 for a text-conditional model; evaluate "
+                "its checkpoints with --mode=eval."
+            )
+        super().check_config(config)
+        if "text" not in config:
+            raise ConfigError(
+                "config.task='text2img' conditions on CLIP embeddings: it needs a config.text "
+                "section with clip_dir (see configs/text2img.py)."
+            )
+        check_number(config, "model.cond_dim", low=1, integer=True)
+        if config.model.num_classes:
+            raise ConfigError("config.model.num_classes must be 0 for text2img (it uses text).")
+        prompts = tuple(config.sample.get("prompts", ()))
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(
+                "A text-conditional model (model.cond_dim > 0) samples from "
+                "config.sample.prompts: give a list of non-empty strings."
+            )
+        if config.train.sample_every:
+            raise ConfigError(
+                "config.train.sample_every must be 0 for a text-conditional model; draw its "
+                "prompt grid with --mode=sample."
+            )
+        if config.sample.classifier_scale > 0:
+            raise ConfigError("config.sample.classifier_scale must be 0 for text2img.")
+        if config.sample.guidance_scale > 0 and not config.train.p_uncond > 0:
+            raise ConfigError(
+                "config.sample.guidance_scale > 0 needs a conditional model trained with "
+                "condition dropout (train.p_uncond > 0)."
+            )
+        names = tuple(config.text.get("class_names", ()))
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ConfigError(
+                "config.text.class_names must list the dataset's class names (non-empty "
+                "strings, in label order): --mode=eval draws and scores one prompt per class."
+            )
+        template = config.text.get("template", "")
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ConfigError(
+                f"config.text.template={template!r} must contain '{{}}' once, where the class "
+                "name goes (e.g. 'a photo of a {}')."
+            )
+
+    def default_metrics(self):
+        return ("loss", "clip_score", *super().default_metrics()[1:])
+
+    # ----- CLIPs -----
+    def load_resources(self, workdir: str, mode: str) -> None:
+        """The conditioning CLIP (and for eval the independent one), checked before anything
+        compiles."""
+        c = self.config
+        self.encoder = TextEncoder(c.text.clip_dir, dtype=compute_dtype(c))
+        if self.encoder.dim != c.model.cond_dim:
+            raise ConfigError(
+                f"config.model.cond_dim={c.model.cond_dim} but the CLIP in "
+                f"config.text.clip_dir={c.text.clip_dir!r} embeds in {self.encoder.dim} "
+                "dimensions; set them equal."
+            )
+        other = c.eval.get("clip_dir", "")
+        self.independent_encoder = (
+            TextEncoder(other, "config.eval.clip_dir", compute_dtype(c))
+            if mode == "eval" and other
+            else None
+        )
+
+    def image_embeddings(self, encoder, images_u8, split: str, workdir: str):
+        """CLIP image embeddings of a split, computed once per (CLIP weights, images)."""
+        emb, _ = reference_features(
+            encoder, self.config.data, split, images_u8, workdir, f"clip_embeddings_{split}"
+        )
+        return emb
+
+    def train_data(self, workdir: str):
+        imgs, _ = self.load_train_split()
+        return imgs, self.image_embeddings(self.encoder, imgs, "train", workdir)
+
+    def eval_conditions(self, labels, workdir: str):
+        """The CLIP image embedding of each test image itself (as in training)."""
+        test = load_split(self.config.data, "test")[0]
+        return self.image_embeddings(self.encoder, test, "test", workdir)[: len(labels)]
+
+    def class_prompts(self) -> list[str]:
+        """``text.template`` filled with each of ``text.class_names``: the eval prompts."""
+        t = self.config.text
+        return [t.template.format(n) for n in t.class_names]
+
+    # ----- conditioning -----
+    @property
+    def uses_condition(self) -> bool:
+        return True
+
+    def condition_kwargs(self, cond, train=False, key=None):
+        on = jnp.ones(cond.shape[:1], bool)
+        if train:
+            on = ~jax.random.bernoulli(key, self.config.train.p_uncond, cond.shape[:1])
+        return {"cond": cond, "cond_mask": on}
+
+    def uncond_kwargs(self, cond):
+        return {"cond": cond, "cond_mask": jnp.zeros(cond.shape[:1], bool)}
+
+    def sample_conditions(self, num, labels=None):
+        if labels is None:  # the prompts of sample.prompts, in turn
+            labels = self.encoder.embed_texts(list(self.config.sample.prompts))
+        return np.asarray(labels, np.float32)
+
+    def requested_labels(self, n):
+        return np.arange(n) % len(self.config.text.class_names)
+
+    def eval_samples(self, params, num, key):
+        """Samples from the class prompts in turn (the class asked is known)."""
+        prompts = self.class_prompts()
+        samples, _, _ = self.generate(params, num, key, labels=self.encoder.embed_texts(prompts))
+        info = {**self.sampling_info(), "prompt_template": self.config.text.template}
+        return np.asarray(pipeline.to_uint8(samples)), self.requested_labels(num), info
+
+    def sample(self, params, workdir, step, key, labels=None):
+        """The grid of the diffusion task with one row per prompt (its caption beside it)."""
+        prompts = list(self.config.sample.prompts)
+        per = max(1, self.config.sample.num // len(prompts))
+        emb = np.repeat(self.encoder.embed_texts(prompts), per, axis=0)
+        out = super().sample(params, workdir, step, key, labels=emb)
+        rows = [out["samples"][i * per : (i + 1) * per] for i in range(len(prompts))]
+        rows = [r for r in rows if len(r) == per]
+        path = out["grid"].replace(".png", "_prompts.png")
+        images.save_labelled_rows(path, rows, prompts[: len(rows)])
+        logging.info(
+            "Wrote the prompt grid (w = %g) to %s.", self.config.sample.guidance_scale, path
+        )
+        return {**out, "prompt_grid": path}
