@@ -9,8 +9,9 @@ Target: Gaussian data N(0.5, 0.3^2), driven by its exact optimal eps-predictor
 - mean_err, std_rel_err: error of the sample mean and relative error of the sample std
   (all samplers; includes Monte Carlo error of about 0.3 / sqrt(num)).
 The ``diffusers_dpm_solver++`` rows run diffusers' DPMSolverMultistepScheduler with its
-default settings on the same betas, model and x_T (needs the ``peer`` extra: torch and
-diffusers; ``--nodiffusers`` leaves them out). Prints one JSON line per (sampler, steps).
+default settings on the same betas, model and x_T, below T steps (needs the ``peer`` extra:
+torch and diffusers; ``--nodiffusers`` leaves them out). Prints one JSON line per
+(sampler, steps).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main(argv):
     names = ("ddpm", "ddim", "dpm_solver++", "euler", "heun")
     for name in names + ((DIFFUSERS_DPM,) if FLAGS.diffusers else ()):
         for steps in STEPS:
+            if name == DIFFUSERS_DPM and steps >= s.num_steps:
+                continue  # its linspace grid repeats steps at num_steps = T (h = 0: NaN)
             if name == DIFFUSERS_DPM:
                 x = diffusers_dpm_solver(model_fn, s, x_T, steps)
             else:
