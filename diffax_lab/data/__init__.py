@@ -62,7 +62,11 @@ def fit_to_size(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_split(data_config, split: str):
-    """Loads ``split`` (train or test) as uint8 [N, S, S, C] and int32 [N]."""
+    """Loads ``split`` (train or test) as uint8 [N, S, S, C] and int32 [N].
+
+    For ``folder``, the test split is ``data.dir/test/`` or, without one, the
+    ``data.test_fraction`` of the images held out from training (``folder.py``).
+    """
     source = data_config.source
     if source not in SOURCES:
         raise DataError(f"data.source must be one of {SOURCES}, got {source!r}.")
@@ -72,7 +76,13 @@ def load_split(data_config, split: str):
     elif source == "tfds":
         images, labels = load_tfds_split(data_config.name, split, directory)
     else:
-        images, labels = load_image_folder(directory, data_config.image_size, data_config.channels)
+        images, labels = load_image_folder(
+            directory,
+            data_config.image_size,
+            data_config.channels,
+            split,
+            test_fraction=float(data_config.get("test_fraction", 0.0)),
+        )
     if images.shape[-1] != data_config.channels:
         raise DataError(
             f"data.channels={data_config.channels} but {source} data {data_config.name!r} "

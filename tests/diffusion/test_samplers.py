@@ -135,3 +135,18 @@ def test_unknown_sampler_named():
     s = schedules.get_schedule("linear", 10)
     with pytest.raises(ValueError, match="sample.sampler"):
         samplers.sample(lambda x, t: x, s, (1, 1), jax.random.PRNGKey(0), sampler="magic")
+
+
+def test_skip_step0_grid_spends_every_step_above_step0():
+    """DPM-Solver++'s grid: the n noisiest of n + 1 spaced steps, then t = 0 (diffusers'
+    'linspace' spacing with a zero final sigma); with n = T, all T steps."""
+    s = schedules.get_schedule("linear", 1000)
+    times, abar = samplers.discrete_grid(s, 20, "uniform", skip_step0=True)
+    expected = np.round(np.linspace(0, 999, 21))[::-1][:-1].astype(int)  # diffusers' timesteps
+    np.testing.assert_allclose(times[:-1], np.asarray(s.times)[expected])
+    assert times[-1] == 0.0 and abar[-1] == 1.0 and len(times) == 21
+    full, _ = samplers.discrete_grid(s, 1000, "uniform", skip_step0=True)
+    np.testing.assert_allclose(full[:-1], np.asarray(s.times)[::-1])
+    kept, _ = samplers.discrete_grid(s, 20, "uniform")
+    assert kept[-2] == pytest.approx(float(s.times[0]))  # the plain grid keeps step 0
+    assert samplers.SAMPLER_GRIDS["dpm_solver++"] == "discrete_skip_step0"
