@@ -85,7 +85,14 @@ def main(argv):
                 fn = jax.jit(
                     lambda k, name=name, steps=steps: (
                         samplers.sample(
-                            model_fn, s, (FLAGS.num, 1), k, sampler=name, num_steps=steps, x_T=x_T
+                            model_fn,
+                            s,
+                            (FLAGS.num, 1),
+                            k,
+                            sampler=name,
+                            num_steps=steps,
+                            x_T=x_T,
+                            clip_x0=None,  # the Gaussian target is unbounded
                         ).samples
                     )
                 )

@@ -34,7 +34,14 @@ def test_dpm_solver_is_diffusers_default_on_the_default_grid(name):
             jax.jit(
                 lambda k, steps=steps: (
                     samplers.sample(
-                        model_fn, s, (NUM, 1), k, sampler="dpm_solver++", num_steps=steps, x_T=x_T
+                        model_fn,
+                        s,
+                        (NUM, 1),
+                        k,
+                        sampler="dpm_solver++",
+                        num_steps=steps,
+                        x_T=x_T,
+                        clip_x0=None,
                     ).samples
                 )
             )(jax.random.PRNGKey(0))

@@ -28,7 +28,11 @@ def apply_fn(x, t, y):
 
 def _sample(model_fn, n=2000, seed=0, steps=100):
     fn = jax.jit(
-        lambda k: samplers.sample(model_fn, S, (n, 2), k, sampler="ddim", num_steps=steps).samples
+        lambda k: (
+            samplers.sample(
+                model_fn, S, (n, 2), k, sampler="ddim", num_steps=steps, clip_x0=None
+            ).samples
+        )
     )
     return np.asarray(fn(jax.random.PRNGKey(seed)))
 
@@ -89,7 +93,14 @@ def test_classifier_guidance(prediction):
         out = jax.jit(
             lambda k: (
                 samplers.sample(
-                    fn, S, (2000, 2), k, sampler="ddim", num_steps=100, prediction=prediction
+                    fn,
+                    S,
+                    (2000, 2),
+                    k,
+                    sampler="ddim",
+                    num_steps=100,
+                    prediction=prediction,
+                    clip_x0=None,
                 ).samples
             )
         )
@@ -98,7 +109,14 @@ def test_classifier_guidance(prediction):
     plain = jax.jit(
         lambda k: (
             samplers.sample(
-                uncond, S, (2000, 2), k, sampler="ddim", num_steps=100, prediction=prediction
+                uncond,
+                S,
+                (2000, 2),
+                k,
+                sampler="ddim",
+                num_steps=100,
+                prediction=prediction,
+                clip_x0=None,
             ).samples
         )
     )
