@@ -46,16 +46,6 @@ NORM_EPS = 1e-6
 # The path of the decoder's last convolution kernel: the "last layer" of LDM's adaptive
 # discriminator weight (taming-transformers' LPIPSWithDiscriminator).
 LAST_LAYER = ("decoder", "conv_out", "kernel")
-# config.json keys that only describe how pipelines use the latents (or where they came from);
-# the networks do not depend on them, so they are kept and written back, never interpreted.
-METADATA_KEYS = (
-    "sample_size",
-    "scaling_factor",
-    "shift_factor",
-    "latents_mean",
-    "latents_std",
-    "force_upcast",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +66,7 @@ class AutoencoderKLConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-    # Metadata (see METADATA_KEYS): image size the checkpoint was trained at (diffusers uses
+    # Metadata, kept and written back but not used by the networks: image size the checkpoint was trained at (diffusers uses
     # it for tiling only), z -> (z - shift_factor) * scaling_factor for the latent model,
     # per-channel latent statistics, and whether pipelines must run the VAE in float32.
     sample_size: int | tuple[int, ...] = 32

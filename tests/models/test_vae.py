@@ -155,6 +155,16 @@ def test_call_with_a_key_decodes_the_reparameterised_sample(flax_vae):
     assert not np.allclose(rec, rec_mean, atol=1e-3)  # the sample is not the mean
 
 
+def test_bfloat16_compute_stays_close_to_float32(flax_vae):
+    model, params, config, x, forward = flax_vae
+    low = jitted(AutoencoderKL(config, dtype=jnp.bfloat16))
+    rec, mean, logvar = forward(params, x)
+    rec_bf16, mean_bf16, logvar_bf16 = low(params, x)
+    assert rec_bf16.dtype == mean_bf16.dtype == jnp.float32
+    for a, b in ((rec, rec_bf16), (mean, mean_bf16), (logvar, logvar_bf16)):
+        assert 0 < float(jnp.max(jnp.abs(a - b))) < 0.05 * float(jnp.max(jnp.abs(a)))
+
+
 def test_deprecated_attention_names_load(tmp_path):
     """Folders saved before diffusers 0.14 name the attention query/key/value/proj_attn."""
     model = torch_vae(4, **CONFIGS["2_levels"])
