@@ -18,9 +18,15 @@ setup(
         "numpy>=1.26,<3",
         "pillow>=10.1,<13",
         "tqdm>=4.66,<5",
+        "safetensors>=0.4,<1",  # weights in and out (AutoencoderKL, CLIP)
     ],
     extras_require={
-        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<0.20"],
+        "dev": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+            "ruff>=0.6,<0.20",
+            "import-linter>=2.1,<3",
+        ],
         "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.16,<3"],
         "tensorboard": ["tensorboardX>=2.6,<3"],
         # The PyTorch peer of benchmarks/diffusers_peer.py (and its test). Install torch first
@@ -29,5 +35,7 @@ setup(
         # CLIP: the tokenizer (transformers' CLIPTokenizerFast), safetensors weights, and hub
         # downloads when online. The tests also use transformers' PyTorch CLIPModel (+ torch).
         "clip": ["transformers>=4.45,<6", "safetensors>=0.4,<1", "huggingface_hub>=0.24,<2"],
+        # The tests beyond the peer and clip extras: torchmetrics' CLIP score (parity).
+        "test": ["torchmetrics>=1.7,<2"],
     },
 )

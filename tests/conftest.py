@@ -20,3 +20,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: end-to-end runs (subprocesses, training); `make test-fast` skips them"
+    )
