@@ -11,6 +11,10 @@ The last ``nxt`` is always t = 0, alpha_bar = 1. ``sample`` runs the step over t
 one ``lax.scan``, so a whole sampling run is one XLA program and a new sampler is one
 function. Grids: ``discrete`` (any subset of the schedule's steps, timestep respacing as in
 Nichol & Dhariwal 2021) or ``karras`` (the sigma schedule of Karras et al. 2022, eq. 5).
+A sampler registered with ``grid="adaptive"`` (the probability-flow ODE with an adaptive
+solver, ``sde_samplers.py``) chooses its own steps, so it cannot be a step of the fixed scan:
+it is registered as the whole run, ``run(denoise, schedule, x_T, key, **options) -> (x_0,
+nfe)``, and ``sample`` calls it with the same arguments as any other sampler.
 
 ``model_fn(x_t, t) -> output`` is the network bound to its parameters and condition, with
 ``t`` the continuous time [B] of ``schedules.py``; ``prediction`` says what it returns.
@@ -43,11 +47,17 @@ class SampleOutput(NamedTuple):
     samples: jnp.ndarray  # [B, ...] the final x_0
     trajectory: jnp.ndarray | None  # [N, B, ...] x_t fed to the network at N chosen steps
     trajectory_times: np.ndarray | None  # [N] continuous time of each trajectory frame
+    # Network evaluations, set by samplers whose count is not the caller's num_steps times a
+    # constant (adaptive solvers: a traced scalar); None for the fixed-grid ones.
+    nfe: jnp.ndarray | int | None = None
+
+
+GRIDS = ("discrete", "karras", "adaptive")
 
 
 def register_sampler(name: str, grid: str = "discrete"):
-    if grid not in ("discrete", "karras"):
-        raise ValueError(f"grid must be 'discrete' or 'karras', got {grid!r}.")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}.")
 
     def wrap(fn):
         if name in SAMPLERS:
@@ -186,14 +196,24 @@ def discrete_grid(schedule: DiscreteSchedule, num_steps: int | None, spacing: st
     return times, abar
 
 
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO):
+    """Karras et al. (2022) eq. 5: num_steps sigmas from sigma_max down to sigma_min, float64."""
+    if num_steps < 1:
+        raise ValueError(f"sample.num_steps must be >= 1, got {num_steps}.")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    inv_rho = 1.0 / rho
+    return (sigma_max**inv_rho + ramp * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+
+
 def karras_grid(schedule: DiscreteSchedule, num_steps: int | None, rho: float = KARRAS_RHO):
     """Karras et al. (2022) eq. 5 between the schedule's own sigma_max and sigma_min."""
     n = schedule.num_steps if num_steps is None else num_steps
     ab = np.asarray(schedule.alphas_cumprod, np.float64)
     log_snr = np.log(ab) - np.log1p(-ab)
     s_max, s_min = np.exp(-0.5 * log_snr[-1]), np.exp(-0.5 * log_snr[0])
-    ramp = np.linspace(0.0, 1.0, n)
-    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    sigmas = karras_sigmas(n, s_min, s_max, rho)
     # Invert the continuous log-SNR view (decreasing in t) to get each sigma's time.
     times = np.interp(-2.0 * np.log(sigmas), log_snr[::-1], np.asarray(schedule.times)[::-1])
     abar = 1.0 / (1.0 + sigmas**2)
@@ -241,6 +261,17 @@ def sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
     step_fn = SAMPLERS[sampler]
+    if SAMPLER_GRIDS[sampler] == "adaptive":
+        if num_steps is not None or num_trajectory:
+            raise ValueError(
+                f"sample.sampler={sampler!r} chooses its own steps: leave sample.num_steps "
+                "unset and sample.num_trajectory at 0 (set the solver's tolerances instead)."
+            )
+        denoise = make_denoiser(model_fn, schedule, prediction, clip_x0)
+        init_key, loop_key = jax.random.split(key)
+        x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else x_T
+        x, nfe = step_fn(denoise, schedule, x, loop_key, **sampler_kwargs)
+        return SampleOutput(x, None, None, nfe)
     if SAMPLER_GRIDS[sampler] == "karras":
         times, abar = karras_grid(schedule, num_steps)
     else:
