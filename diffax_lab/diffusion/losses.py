@@ -20,6 +20,8 @@ levels or the continuous sigma(t). EDM's loss is ``edm.get_loss_fn``.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -127,7 +129,7 @@ def get_ve_loss_fn(
             "(diffusion.num_scales=None)."
         )
     sigmas = None if num_scales is None else jnp.asarray(sde.discrete_sigmas(num_scales))
-    g2_over_sigma2 = 2.0 * float(jnp.log(sde.sigma_max / sde.sigma_min))
+    g2_over_sigma2 = 2.0 * math.log(sde.sigma_max / sde.sigma_min)
 
     def loss_fn(model_fn, x0, key):
         level_key, noise_key = jax.random.split(key)
