@@ -47,8 +47,9 @@ class SampleOutput(NamedTuple):
     samples: jnp.ndarray  # [B, ...] the final x_0
     trajectory: jnp.ndarray | None  # [N, B, ...] x_t fed to the network at N chosen steps
     trajectory_times: np.ndarray | None  # [N] continuous time of each trajectory frame
-    # Network evaluations, set by samplers whose count is not the caller's num_steps times a
-    # constant (adaptive solvers: a traced scalar); None for the fixed-grid ones.
+    # Network evaluations where the sampler reports them (adaptive solvers: a traced scalar;
+    # sde_samplers.sde_sample and edm.sample: an int); None for the fixed-grid steps of
+    # ``sample``, which take num_steps times their evaluations per step.
     nfe: jnp.ndarray | int | None = None
 
 

@@ -288,6 +288,10 @@ def score_fn_from_model(
     at the time where that schedule has the SDE's log-SNR at t, so it sees the noise level
     it was trained at; without it, at t itself. eps: score = -eps / std; x0: Tweedie's
     (scale x0 - x) / std^2; v needs a VP SDE (scale^2 + std^2 = 1).
+
+    Below the schedule's first noise level (t < ~1e-3 for the linear VP-SDE of T = 1000) the
+    network's time is extrapolated below 1 / T, where it was never trained: start samplers
+    and likelihoods of DDPM networks at eps >= 1e-3.
     """
     if prediction not in process.PREDICTIONS:
         raise ValueError(

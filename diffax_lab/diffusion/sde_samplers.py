@@ -11,8 +11,8 @@ Two entry points, one set of update rules:
   scan on the schedule's own grid (the VP-SDE whose alpha_bar is the schedule's at every
   grid point, beta integrated exactly over each step); ``ode`` is registered as a whole run
   (``grid="adaptive"``) because an adaptive solver picks its own steps and cannot be one
-  step of a fixed scan. It integrates the same flow in sigma = sqrt((1 - abar) / abar) and
-  x / sqrt(abar) (Karras et al. 2022, eq. 4: the VP probability-flow ODE, any schedule).
+  step of a fixed scan. It integrates the VP probability-flow ODE of any schedule in the
+  half log-SNR clock (see ``ode_run``).
 
 Predictors and correctors are registered by name. A predictor moves x from the noise level
 ``cur`` to the less noisy ``nxt`` (a ``Step``: each level's x_t = scale x_0 + std eps, and
