@@ -101,12 +101,21 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.sample.batch_size = 64
     config.sample.seed = 0
     # Defaults shared with the library's samplers.sample (samplers.DEFAULTS):
-    config.sample.sampler = DEFAULTS["sampler"]  # ddpm | ddim | dpm_solver++ | euler | heun
+    config.sample.sampler = DEFAULTS["sampler"]  # ddpm ddim dpm_solver++ euler heun pc ode ...
     config.sample.num_steps = DEFAULTS["num_steps"]  # 0 = all T steps
     config.sample.spacing = DEFAULTS["spacing"]  # uniform | quadratic
     config.sample.variance = DEFAULTS["variance"]  # ddpm only: beta | beta_tilde
     config.sample.eta = DEFAULTS["eta"]  # ddim only
     config.sample.clip_x0 = DEFAULTS["clip_x0"]  # clip predicted x0 to [-c, c]; 0 = off
+    # Score-SDE samplers (diffusion/sde_samplers.py): pc = predictor-corrector, ode = the
+    # probability-flow ODE with an adaptive diffrax solver (num_steps must be 0 for it).
+    config.sample.predictor = "reverse_diffusion"  # pc: reverse_diffusion | ancestral
+    config.sample.corrector = "langevin"  # pc: langevin | none
+    config.sample.snr = 0.16  # pc: Langevin signal-to-noise ratio (Song et al. 2021)
+    config.sample.corrector_steps = 1  # pc: Langevin steps per predictor step
+    config.sample.solver = "tsit5"  # ode: tsit5 | dopri5
+    config.sample.rtol = 1e-5  # ode: relative tolerance
+    config.sample.atol = 1e-5  # ode: absolute tolerance
     config.sample.num_strip = 8  # frames in the forward and reverse strips
     # Class-conditional models (model.num_classes > 0):
     config.sample.labels = ()  # labels to draw; () = cycle through the classes

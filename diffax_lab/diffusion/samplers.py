@@ -13,6 +13,10 @@ function. Grids: ``discrete`` (any subset of the schedule's steps, timestep resp
 Nichol & Dhariwal 2021), ``discrete_skip_step0`` (the same without step 0, so that the last
 step goes from about t = 1 / num_steps straight to t = 0; see ``discrete_grid``) or
 ``karras`` (the sigma schedule of Karras et al. 2022, eq. 5).
+A sampler registered with ``grid="adaptive"`` (the probability-flow ODE with an adaptive
+solver, ``sde_samplers.py``) chooses its own steps, so it cannot be a step of the fixed scan:
+it is registered as the whole run, ``run(denoise, schedule, x_T, key, **options) -> (x_0,
+nfe)``, and ``sample`` calls it with the same arguments as any other sampler.
 
 ``model_fn(x_t, t) -> output`` is the network bound to its parameters and condition, with
 ``t`` the continuous time [B] of ``schedules.py``; ``prediction`` says what it returns.
@@ -20,6 +24,7 @@ step goes from about t = 1 / num_steps straight to t = 0; see ``discrete_grid``)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,7 +37,7 @@ from diffax_lab.diffusion.schedules import DiscreteSchedule, spaced_indices
 
 SAMPLERS: dict[str, Callable] = {}
 SAMPLER_GRIDS: dict[str, str] = {}
-GRIDS = ("discrete", "discrete_skip_step0", "karras")
+GRIDS = ("discrete", "discrete_skip_step0", "karras", "adaptive")
 VARIANCES = ("beta", "beta_tilde")
 KARRAS_RHO = 7.0
 # The one set of sampling defaults: ``sample`` below and the ``sample`` section of
@@ -59,6 +64,17 @@ class SampleOutput(NamedTuple):
     samples: jnp.ndarray  # [B, ...] the final x_0
     trajectory: jnp.ndarray | None  # [N, B, ...] x_t fed to the network at N chosen steps
     trajectory_times: np.ndarray | None  # [N] continuous time of each trajectory frame
+    # Network evaluations where the sampler reports them (adaptive solvers: a traced scalar;
+    # sde_samplers.sde_sample and edm.sample: an int); None for the fixed-grid steps of
+    # ``sample``, which take num_steps times their evaluations per step.
+    nfe: jnp.ndarray | int | None = None
+
+
+def sampler_options(name: str) -> tuple[str, ...]:
+    """The keyword-only options of sampler ``name``: the fields of a config's ``sample``
+    section with these names are passed to it (``--config.sample.eta=0.5`` for DDIM)."""
+    params = inspect.signature(SAMPLERS[name]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
 
 
 def register_sampler(name: str, grid: str = "discrete"):
@@ -222,14 +238,24 @@ def discrete_grid(
     return times, abar
 
 
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO):
+    """Karras et al. (2022) eq. 5: num_steps sigmas from sigma_max down to sigma_min, float64."""
+    if num_steps < 1:
+        raise ValueError(f"sample.num_steps must be >= 1, got {num_steps}.")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    inv_rho = 1.0 / rho
+    return (sigma_max**inv_rho + ramp * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+
+
 def karras_grid(schedule: DiscreteSchedule, num_steps: int | None, rho: float = KARRAS_RHO):
     """Karras et al. (2022) eq. 5 between the schedule's own sigma_max and sigma_min."""
     n = schedule.num_steps if num_steps is None else num_steps
     ab = np.asarray(schedule.alphas_cumprod, np.float64)
     log_snr = np.log(ab) - np.log1p(-ab)
     s_max, s_min = np.exp(-0.5 * log_snr[-1]), np.exp(-0.5 * log_snr[0])
-    ramp = np.linspace(0.0, 1.0, n)
-    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    sigmas = karras_sigmas(n, s_min, s_max, rho)
     # Invert the continuous log-SNR view (decreasing in t) to get each sigma's time.
     times = np.interp(-2.0 * np.log(sigmas), log_snr[::-1], np.asarray(schedule.times)[::-1])
     abar = 1.0 / (1.0 + sigmas**2)
@@ -278,6 +304,17 @@ def sample(
         raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
     step_fn = SAMPLERS[sampler]
     grid = SAMPLER_GRIDS[sampler]
+    if grid == "adaptive":
+        if num_steps is not None or num_trajectory:
+            raise ValueError(
+                f"sample.sampler={sampler!r} chooses its own steps: leave sample.num_steps "
+                "unset and sample.num_trajectory at 0 (set the solver's tolerances instead)."
+            )
+        denoise = make_denoiser(model_fn, schedule, prediction, clip_x0)
+        init_key, loop_key = jax.random.split(key)
+        x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else x_T
+        x, nfe = step_fn(denoise, schedule, x, loop_key, **sampler_kwargs)
+        return SampleOutput(x, None, None, nfe)
     if grid == "karras":
         times, abar = karras_grid(schedule, num_steps)
     else:

@@ -38,12 +38,14 @@ def continuous_alpha_bar(
     """Returns alpha_bar(t) for t in [0, 1] in float64 numpy (exact, not interpolated).
 
     For ``linear`` this is the continuous-time limit of DDPM's schedule (the VP-SDE of
-    Song et al. 2021 with beta(t) = T * (beta_start + t (beta_end - beta_start))):
-    alpha_bar(t) = exp(-T (beta_start t + (beta_end - beta_start) t^2 / 2)). The discrete
-    linear schedule follows the DDPM paper's betas exactly and differs from it by O(beta^2).
+    Song et al. 2021 with beta(t) = 1000 (beta_start + t (beta_end - beta_start)), i.e.
+    beta_min = 0.1, beta_max = 20): alpha_bar(t) = exp(-(beta_min t + (beta_max - beta_min)
+    t^2 / 2)). It is the same for every T, because ``discrete_betas`` scales the betas by
+    1000 / T; the discrete schedule differs from it by O(beta^2) and O(1/T).
     """
     if name == "linear":
-        b0, b1 = LINEAR_BETA_START * num_timesteps, LINEAR_BETA_END * num_timesteps
+        del num_timesteps  # the limit does not depend on T (see above)
+        b0, b1 = LINEAR_BETA_START * 1000.0, LINEAR_BETA_END * 1000.0
 
         def alpha_bar(t):
             t = np.asarray(t, np.float64)
@@ -171,6 +173,18 @@ class DiscreteSchedule:
         if ts.shape[0] > 1:
             slope = (ls[1] - ls[0]) / (ts[1] - ts[0])
             inside = jnp.where(t < ts[0], ls[0] + slope * (t - ts[0]), inside)
+        return inside
+
+    def time_at_log_snr(self, log_snr):
+        """Inverse of ``log_snr_at``: the continuous time with this log-SNR, exact at the
+        grid, linear in between, extrapolated linearly above the first grid point's log-SNR
+        and clamped to the last grid time below the last one's."""
+        ls = jnp.asarray(log_snr, jnp.float32)
+        ts, grid = self.times, self.log_snr
+        inside = jnp.interp(-ls, -grid, ts)  # -log_snr increases with t
+        if ts.shape[0] > 1:
+            slope = (grid[1] - grid[0]) / (ts[1] - ts[0])
+            inside = jnp.where(ls > grid[0], ts[0] + (ls - grid[0]) / slope, inside)
         return inside
 
     def alpha_bar_at(self, t):

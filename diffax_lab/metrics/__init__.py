@@ -4,6 +4,8 @@
 - ``kid``: kernel distance, the unbiased polynomial-kernel MMD^2 over subsets;
 - ``precision_recall``: improved precision and recall (Kynkäänniemi et al. 2019);
 - ``likelihood``: bits/dim from DDPM's discrete-time variational bound;
+- ``ode_likelihood``: exact log-likelihood and bits/dim through the probability-flow ODE
+  (Hutchinson-Skilling trace estimates, uniform dequantization);
 - ``features``: feature extractors (the lab's clean classifier; an interface for others)
   and the cache of reference features of real data.
 """
@@ -11,6 +13,7 @@
 from diffax_lab.metrics.frechet import feature_statistics, frechet_distance
 from diffax_lab.metrics.kid import kernel_distance
 from diffax_lab.metrics.likelihood import bits_per_dim, vlb_terms
+from diffax_lab.metrics.ode_likelihood import ode_bits_per_dim, ode_log_likelihood
 from diffax_lab.metrics.precision_recall import precision_recall
 
 __all__ = [
@@ -18,6 +21,8 @@ __all__ = [
     "feature_statistics",
     "frechet_distance",
     "kernel_distance",
+    "ode_bits_per_dim",
+    "ode_log_likelihood",
     "precision_recall",
     "vlb_terms",
 ]

@@ -28,6 +28,7 @@ from diffax_lab.diffusion.losses import WEIGHTINGS
 from diffax_lab.diffusion.process import PREDICTIONS
 from diffax_lab.diffusion.samplers import SAMPLERS, VARIANCES
 from diffax_lab.diffusion.schedules import SCHEDULES
+from diffax_lab.diffusion.sde_samplers import CORRECTORS, PREDICTORS, SOLVERS
 from diffax_lab.errors import ConfigError
 from diffax_lab.models import DTYPES, get_model
 from diffax_lab.models.layers import ACTIVATIONS, DOWNSAMPLES, UPSAMPLES
@@ -87,6 +88,19 @@ def check_sampler_fields(config) -> None:
     check_choice(config, "sample.spacing", ("uniform", "quadratic"))
     check_choice(config, "sample.variance", VARIANCES)
     check_number(config, "sample.eta", low=0.0)
+    if "solver" in config.sample:  # the SDE samplers' options (diffusion/sde_samplers.py)
+        check_choice(config, "sample.predictor", tuple(PREDICTORS))
+        check_choice(config, "sample.corrector", tuple(CORRECTORS))
+        check_number(config, "sample.snr", low=0.0, low_open=True)
+        check_number(config, "sample.corrector_steps", low=0, integer=True)
+        check_choice(config, "sample.solver", tuple(SOLVERS))
+        check_number(config, "sample.rtol", low=0.0, low_open=True)
+        check_number(config, "sample.atol", low=0.0, low_open=True)
+    if samplers.SAMPLER_GRIDS[config.sample.sampler] == "adaptive" and config.sample.num_steps:
+        raise ConfigError(
+            f"config.sample.sampler={config.sample.sampler!r} chooses its own steps: set "
+            "sample.num_steps=0 and its tolerances sample.rtol / sample.atol instead."
+        )
     check_number(config, "sample.clip_x0", low=0.0)
     check_number(config, "sample.num_strip", low=2, integer=True)
     check_number(config, "sample.guidance_scale", low=0.0)
@@ -308,8 +322,14 @@ class DenoisingTask(Task):
         )
 
     def sampler_kwargs(self):
+        """The sample section's fields named like the sampler's own options."""
         s = self.config.sample
-        return {"ddpm": {"variance": s.variance}, "ddim": {"eta": s.eta}}.get(s.sampler, {})
+        return {n: s[n] for n in samplers.sampler_options(s.sampler) if n in s}
+
+    @property
+    def adaptive_sampler(self) -> bool:
+        """The sampler chooses its own steps (no trajectory, no step count)."""
+        return samplers.SAMPLER_GRIDS[self.config.sample.sampler] == "adaptive"
 
     @functools.cached_property
     def sample_batch(self):
@@ -492,16 +512,24 @@ class DenoisingTask(Task):
             f", classifier guidance s={s.classifier_scale:g}" if self.classifier else "",
         )
         samples, traj, traj_times = self.generate(
-            params, s.num, key, labels=labels, num_trajectory=s.num_strip
+            params,
+            s.num,
+            key,
+            labels=labels,
+            num_trajectory=0 if self.adaptive_sampler else s.num_strip,
         )
         samples_u8 = np.asarray(pipeline.to_uint8(samples))
         stem = self.sample_stem(step)
         images.save_grid(os.path.join(out_dir, stem + ".png"), samples_u8)
         if jax.process_index() == 0:
             np.savez_compressed(os.path.join(out_dir, stem + ".npz"), images=samples_u8)
-        # Reverse strip: x_t fed to the network along the first sample's trajectory, then x_0.
-        rev = np.concatenate([np.asarray(pipeline.to_uint8(traj[:, 0])), samples_u8[:1]])
-        rev_t = [*traj_times, 0.0]
+        rev_t = []
+        if traj is not None:  # x_t fed to the network along the first trajectory, then x_0
+            rev = np.concatenate([np.asarray(pipeline.to_uint8(traj[:, 0])), samples_u8[:1]])
+            rev_t = [*traj_times, 0.0]
+            images.save_labelled_rows(
+                os.path.join(out_dir, "reverse_strip.png"), [rev], ["p(x_t-1|x_t)"]
+            )
         # Forward strip: a real test image noised to increasing t (falls back to a sample).
         try:
             real = load_split(self.config.data, "test")[0][0]
@@ -509,9 +537,6 @@ class DenoisingTask(Task):
             real = samples_u8[0]
         fwd, fwd_t = self.forward_strip(real, s.num_strip + 1, jax.random.fold_in(key, 1))
         images.save_labelled_rows(os.path.join(out_dir, "forward_strip.png"), [fwd], ["q(x_t|x_0)"])
-        images.save_labelled_rows(
-            os.path.join(out_dir, "reverse_strip.png"), [rev], ["p(x_t-1|x_t)"]
-        )
         if self.num_labels:
             self.write_guidance_sweep(params, out_dir, jax.random.fold_in(key, 2))
         logging.info(

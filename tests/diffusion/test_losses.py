@@ -67,3 +67,56 @@ def test_min_snr_weight_caps_at_gamma():
     assert float(w[-1]) == pytest.approx(1.0)  # low SNR: plain eps loss
     with pytest.raises(ValueError, match="diffusion.loss_weighting"):
         losses.get_loss_fn(s, "eps", "snr+1")
+
+
+def _ve_exact_score_model(s2, scale_by_sigma=True):
+    """model_fn(x, sigma) of the exact score of N(0, s2 I) blurred by sigma: -x / (s2 + sigma^2)."""
+
+    def model_fn(x, sigma):
+        score = -x / (s2 + sigma[:, None] ** 2)
+        return sigma[:, None] * score if scale_by_sigma else score
+
+    return model_fn
+
+
+@pytest.mark.parametrize("num_scales", [None, 10])
+def test_ve_loss_of_the_exact_score_matches_closed_form(num_scales):
+    """E||sigma s(y + sigma z) + z||^2 / D = s2 / (s2 + sigma^2) for data N(0, s2 I), averaged
+    over sigma(t), t ~ U(eps, 1) (quadrature), or over NCSN's geometric levels."""
+    from diffax_lab.diffusion.sde import VESDE
+
+    sde, s2 = VESDE(sigma_min=0.01, sigma_max=10.0), 0.25
+    if num_scales is None:
+        t = np.linspace(1e-5, 1.0, 20_001)
+        expected = np.trapezoid(s2 / (s2 + np.asarray(sde.sigma(t), np.float64) ** 2), t)
+        expected /= 1.0 - 1e-5
+    else:
+        expected = np.mean(s2 / (s2 + sde.discrete_sigmas(num_scales) ** 2))
+    loss_fn = jax.jit(
+        lambda x0, k: losses.get_ve_loss_fn(sde, num_scales)(_ve_exact_score_model(s2), x0, k)
+    )
+    x0 = np.sqrt(s2) * jax.random.normal(jax.random.PRNGKey(0), (100_000, 2))
+    loss, aux = loss_fn(x0, jax.random.PRNGKey(1))
+    assert float(loss) == pytest.approx(expected, rel=0.03)
+    assert float(aux["dsm"]) == pytest.approx(float(loss))
+
+
+def test_ve_loss_weighting_and_output_scaling():
+    from diffax_lab.diffusion.sde import VESDE, VPSDE
+
+    sde = VESDE(sigma_min=0.01, sigma_max=10.0)
+    x0 = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (256, 3))
+    key = jax.random.PRNGKey(1)
+    imperfect = _ve_exact_score_model(0.3)  # the score of the wrong variance: loss > optimum
+    plain, _ = losses.get_ve_loss_fn(sde)(imperfect, x0, key)
+    weighted, aux = losses.get_ve_loss_fn(sde, likelihood_weighting=True)(imperfect, x0, key)
+    np.testing.assert_allclose(weighted, 2 * np.log(1000.0) * plain, rtol=1e-5)
+    np.testing.assert_allclose(aux["dsm"], plain, rtol=1e-6)
+    unscaled, _ = losses.get_ve_loss_fn(sde, scale_by_sigma=False)(
+        _ve_exact_score_model(0.3, scale_by_sigma=False), x0, key
+    )
+    np.testing.assert_allclose(unscaled, plain, rtol=1e-5)
+    with pytest.raises(ValueError, match="likelihood_weighting"):
+        losses.get_ve_loss_fn(sde, num_scales=10, likelihood_weighting=True)
+    with pytest.raises(ValueError, match="VESDE"):
+        losses.get_ve_loss_fn(VPSDE())
