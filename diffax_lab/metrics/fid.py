@@ -8,8 +8,8 @@
 - ``load_reference_statistics(path)`` / ``save_reference_statistics``: pytorch-fid's
   ``--save-stats`` format (``np.savez_compressed(mu=..., sigma=...)``; TTUR's
   ``fid_stats_*.npz`` use the same keys). Read without pickle.
-- ``fid(features, mu_ref, sigma_ref)``: the Fréchet distance of ``frechet.py``, with a
-  ``SmallSampleWarning`` below 10,000 samples: FID is biased upwards in 1/N
+- ``fid_from_features(features, mu_ref, sigma_ref)``: the Fréchet distance of
+  ``frechet.py``, with a ``SmallSampleWarning`` below 10,000 samples: FID is biased upwards in 1/N
   (Chong & Forsyth 2020), so numbers from fewer samples are not comparable to papers.
 
 Not for: the network (``models/inception.py``) or choosing a feature space.
@@ -62,7 +62,7 @@ def load_reference_statistics(path: str, dim: int | None = None) -> tuple[np.nda
     return mu, sigma
 
 
-def fid(features, mu_ref, sigma_ref, *, min_samples: int = MIN_FID_SAMPLES) -> float:
+def fid_from_features(features, mu_ref, sigma_ref, *, min_samples: int = MIN_FID_SAMPLES) -> float:
     """FID of generated ``features`` [N, F] against reference statistics (float64)."""
     n = int(np.shape(features)[0])
     if n < min_samples:

@@ -43,6 +43,9 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's hash prefix in pytorch-fid
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3  # torchvision's BasicConv2d (TensorFlow's default)
+# Full float32 convolutions on accelerators too (XLA's default there is TF32/bf16 passes):
+# FID compares across papers, so its features should not depend on the device.
+PRECISION = jax.lax.Precision.HIGHEST
 
 
 def resize_bilinear(x, size: int | tuple[int, int]):
@@ -56,6 +59,7 @@ def resize_bilinear(x, size: int | tuple[int, int]):
         jnp.asarray(_interp_matrix(x.shape[1], h, pos), x.dtype),
         x,
         jnp.asarray(_interp_matrix(x.shape[2], w, pos), x.dtype),
+        precision=PRECISION,
     )
 
 
@@ -92,6 +96,7 @@ class BasicConv(nn.Module):
             strides=(self.strides, self.strides),
             padding=((ph, ph), (pw, pw)),
             use_bias=False,
+            precision=PRECISION,
             name="conv",
         )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name="bn")(x)

@@ -3,13 +3,14 @@
     python -m tests.models.pytorch_fid_reference IN.npz OUT_DIR
 
 IN.npz holds ``images`` (uint8 [N, H, W, 3], small: pytorch-fid resizes them) and two
-feature sets ``feats_a``, ``feats_b``. The script builds pytorch-fid's ``InceptionV3`` (output block 3, its resize
-and normalisation) exactly as ``pytorch_fid.inception.fid_inception_v3`` does, torchvision's
-``inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)`` with
-``Mixed_5b``..``Mixed_7c`` replaced by ``FIDInceptionA/C/E_1/E_2``, but with random weights
-instead of the download. Batch-norm affine parameters are drawn at random and their statistics set from one
-forward pass of the test images, so every layer carries O(1) activations (as FID's real
-network does) and a wrong block shows.
+feature sets ``feats_a``, ``feats_b``. The script builds pytorch-fid's ``InceptionV3``
+(output block 3, its resize and normalisation) exactly as
+``pytorch_fid.inception.fid_inception_v3`` does, torchvision's ``inception_v3(weights=None,
+aux_logits=False, init_weights=False, num_classes=1008)`` with ``Mixed_5b``..``Mixed_7c``
+replaced by ``FIDInceptionA/C/E_1/E_2``, but with random weights instead of the download.
+Batch-norm affine parameters are drawn at random and their statistics set from one forward
+pass of the test images, so every layer carries O(1) activations (as FID's real network
+does) and a wrong block shows.
 It writes the network's ``state_dict()`` as it is to OUT_DIR/state_dict.safetensors (the
 test converts it with the converter's own code) and OUT_DIR/reference.npz with the pool3
 features of ``images`` in float32 (as pytorch-fid runs) and in float64 (the same weights,

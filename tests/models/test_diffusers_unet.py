@@ -116,7 +116,8 @@ def test_time_index_offset_embedding_equals_diffusers(flip, shift):
             time_flip_sin_to_cos=flip,
             time_freq_shift=shift,
         )
-        params = model.init(jax.random.PRNGKey(0), x, t)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t))
+        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         _, state = model.apply(params, x, t, mutable=["intermediates"])
         return np.asarray(state["intermediates"]["time_sinusoid"][0])
 
@@ -349,7 +350,8 @@ def test_pickle_checkpoint_is_refused_with_the_command(copy_of_cifar):
                     "DownBlock2D",
                 ]
             ),
-            r"unknown down block type 'CrossAttnDownBlock2D'; supported: \['AttnDownBlock2D', 'DownBlock2D'\]",
+            r"unknown down block type 'CrossAttnDownBlock2D'; "
+            r"supported: \['AttnDownBlock2D', 'DownBlock2D'\]",
         ),
         (dict(up_block_types=["UpBlock2D"] * 4), r"attention .* at different levels"),
         (dict(resnet_time_scale_shift="scale_shift"), r"resnet_time_scale_shift='scale_shift'"),
@@ -374,8 +376,8 @@ def test_shape_mismatch_names_the_key_and_the_fix(copy_of_cifar):
         load_unet2d(copy_of_cifar)
     msg = str(e.value)
     assert (
-        "down_blocks.3.resnets.0.conv1.weight: file has [64, 64, 3, 3], config.json gives [128, 64, 3, 3]"
-        in msg
+        "down_blocks.3.resnets.0.conv1.weight: file has [64, 64, 3, 3], "
+        "config.json gives [128, 64, 3, 3]" in msg
     )
     assert "block_out_channels" in msg and "re-save" in msg
 

@@ -103,7 +103,7 @@ def test_unit_rgb_reads_images_as_pytorch_fid():
 def test_fid_matches_pytorch_fid(reference):
     mu_b, sigma_b = fid_lib.fid_statistics(reference["feats_b"])
     with pytest.warns(fid_lib.SmallSampleWarning, match="300 samples"):
-        ours = fid_lib.fid(reference["feats_a"], mu_b, sigma_b)
+        ours = fid_lib.fid_from_features(reference["feats_a"], mu_b, sigma_b)
     assert ours > 1.0
     assert abs(ours - reference["fid"]) <= 1e-6 * reference["fid"]
 
@@ -164,7 +164,7 @@ def test_fid_warns_only_below_min_samples():
     a = rng.standard_normal((40, 4))
     mu, sigma = fid_lib.fid_statistics(rng.standard_normal((40, 4)))
     with pytest.warns(fid_lib.SmallSampleWarning):
-        fid_lib.fid(a, mu, sigma)
+        fid_lib.fid_from_features(a, mu, sigma)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fid_lib.fid(a, mu, sigma, min_samples=40)
+        fid_lib.fid_from_features(a, mu, sigma, min_samples=40)
