@@ -16,6 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from diffax_lab.diffusion import samplers
 from diffax_lab.diffusion.schedules import get_schedule
+from diffax_lab.models import ddpm_cifar10_unet
+from diffax_lab.models.diffusers_config import unet_config_to_lab
 from diffax_lab.models.diffusers_unet import (
     DiffusersFormatError,
     export_pipeline,
@@ -412,3 +414,61 @@ def test_unexportable_lab_unet_is_refused(tmp_path, change, match):
     params = _lab_unet_params(lab, (1, 16, 16, 3))
     with pytest.raises(DiffusersFormatError, match=match):
         export_unet2d(lab, params, str(tmp_path), num_train_timesteps=T, sample_size=16)
+
+
+def test_google_ddpm_cifar10_32_configs_map_to_the_ddpm_unet():
+    """The config.json and scheduler_config.json of google/ddpm-cifar10-32 (as published,
+    diffusers 0.0.4 / 0.1.1) describe the lab's DDPM CIFAR-10 U-Net and linear schedule."""
+    config = {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": "0.0.4",
+        "act_fn": "silu",
+        "attention_head_dim": None,
+        "block_out_channels": [128, 256, 256, 256],
+        "center_input_sample": False,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "in_channels": 3,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-06,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 32,
+        "time_embedding_type": "positional",
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    }
+    kw = unet_config_to_lab(config, T)
+    assert (kw["base_channels"], kw["channel_mult"], kw["attention_levels"]) == (
+        128,
+        (1, 2, 2, 2),
+        (1,),
+    )
+    assert (kw["time_index_offset"], kw["time_freq_shift"], kw["time_flip_sin_to_cos"]) == (
+        1.0,
+        1.0,
+        False,
+    )
+
+    def count(model):
+        x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,))
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t))
+        return sum(a.size for a in jax.tree.leaves(shapes))
+
+    assert count(UNet(**kw)) == count(ddpm_cifar10_unet())  # 35.7M, Ho et al. App. B
+    sched = {
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": "0.1.1",
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "clip_sample": True,
+        "num_train_timesteps": 1000,
+        "trained_betas": None,
+        "variance_type": "fixed_small",
+    }
+    assert scheduler_config_to_lab(sched) == dict(
+        schedule="linear", num_timesteps=1000, prediction="eps", clip_x0=1.0, variance="beta_tilde"
+    )
