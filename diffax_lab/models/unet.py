@@ -10,7 +10,7 @@
 - ``cond`` [B, cond_dim] a vector condition (a CLIP embedding, say); rows where
   ``cond_mask`` is False are replaced by a learned null vector.
 
-The options after ``cond_dim`` exist so that diffusers' ``UNet2DModel`` checkpoints map
+The options after ``dtype`` exist so that diffusers' ``UNet2DModel`` checkpoints map
 onto this network (``diffusers_unet.py``); each defaults to the lab's own behaviour, so
 every lab checkpoint keeps its meaning.
 
