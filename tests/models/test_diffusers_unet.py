@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.embeddings import Timesteps
+from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from diffax_lab.diffusion import samplers
@@ -25,6 +26,7 @@ from diffax_lab.models.diffusers_unet import (
     load_unet2d,
     scheduler_config_to_lab,
 )
+from diffax_lab.models.layers import sinusoidal_embedding
 from diffax_lab.models.unet import UNet
 
 T = 1000
@@ -120,8 +122,8 @@ def test_time_index_offset_embedding_equals_diffusers(flip, shift):
         )
         shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t))
         params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        _, state = model.apply(params, x, t, mutable=["intermediates"])
-        return np.asarray(state["intermediates"]["time_sinusoid"][0])
+        run = jax.jit(lambda p: model.apply(p, x, t, mutable=["intermediates"])[1])
+        return np.asarray(run(params)["intermediates"]["time_sinusoid"][0])
 
     ref = Timesteps(32, flip_sin_to_cos=flip, downscale_freq_shift=shift)
     with torch.no_grad():
@@ -138,13 +140,12 @@ def test_cifar_layout_matches_diffusers(cifar):
     assert info.unet_kwargs["attention_levels"] == (1,)
     assert info.unet_kwargs["downsample_padding"] == 0 and info.num_train_timesteps == T
     assert not info.legacy_attention_names
-    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-    apply = jax.jit(cifar["model"].apply)
-    for i in STEPS:
-        ours = apply(cifar["params"], x, jnp.full((2,), (i + 1) / T))
-        ref = _torch_out(cifar["torch"], x, [i, i])
-        assert float(np.std(ref)) > 0.1
-        np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+    steps = np.array(STEPS)
+    x = np.random.default_rng(0).standard_normal((len(steps), 32, 32, 3)).astype(np.float32)
+    ours = jax.jit(cifar["model"].apply)(cifar["params"], x, jnp.asarray((steps + 1) / T))
+    ref = _torch_out(cifar["torch"], x, steps)
+    assert float(np.std(ref)) > 0.1
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 
 
 def test_multi_head_attention_levels_classes_match_diffusers(tmp_path):
@@ -154,14 +155,13 @@ def test_multi_head_attention_levels_classes_match_diffusers(tmp_path):
     k = info.unet_kwargs
     assert k["attention_levels"] == (0, 2) and k["attention_head_dim"] == 8
     assert k["activation"] == "gelu_exact" and k["num_classes"] == 4 and k["center_input"]
-    x = np.random.default_rng(1).standard_normal((2, 16, 16, 2)).astype(np.float32)
-    y = np.array([1, 4])
-    apply = jax.jit(model.apply)
-    for i in STEPS[1:]:
-        ours = apply(params, x, jnp.full((2,), (i + 1) / T), jnp.asarray(y))
-        np.testing.assert_allclose(
-            np.asarray(ours), _torch_out(torch_model, x, [i, i], y), atol=1e-4, rtol=0
-        )
+    steps = np.array(STEPS)
+    x = np.random.default_rng(1).standard_normal((len(steps), 16, 16, 2)).astype(np.float32)
+    y = np.array([1, 4, 0, 2])
+    ours = jax.jit(model.apply)(params, x, jnp.asarray((steps + 1) / T), jnp.asarray(y))
+    ref = _torch_out(torch_model, x, steps, y)
+    assert float(np.std(ref)) > 0.1
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 
 
 def test_legacy_attention_names_load(cifar, tmp_path):
@@ -216,24 +216,35 @@ def test_export_round_trip_of_a_lab_unet(tmp_path):
         num_groups=8,
         num_classes=3,
     )
-    y = np.array([0, 3])  # 3 is the null label
-    params = _lab_unet_params(lab, (2, 16, 16, 1), y=jnp.asarray(y))
+    y = np.array([0, 3, 1])  # 3 is the null label
+    params = _lab_unet_params(lab, (3, 16, 16, 1), y=jnp.asarray(y))
     out = str(tmp_path / "pipe")
     export_pipeline(lab, params, out, schedule="linear", num_timesteps=T, sample_size=16)
     pipe = DDPMPipeline.from_pretrained(out)
     assert pipe.unet.config.num_class_embeds == 4
-    x = np.random.default_rng(4).standard_normal((2, 16, 16, 1)).astype(np.float32)
-    reloaded, reloaded_params, info = load_unet2d(out)
+    x = np.random.default_rng(4).standard_normal((3, 16, 16, 1)).astype(np.float32)
+    steps = np.array([0, 250, 999])
+    ours = jax.jit(lab.apply)(params, x, jnp.asarray((steps + 1) / T), jnp.asarray(y))
+    ref = _torch_out(pipe.unet.eval(), x, steps, y)
+    assert float(np.std(ref)) > 0.01
+    np.testing.assert_allclose(ref, np.asarray(ours), atol=1e-4, rtol=0)
+
+    # Loading the export gives the lab's parameters back, the first time layer rotated so
+    # that embedding i (offset 1) does what embedding i + 1 (offset 0) did.
+    reloaded, back, info = load_unet2d(out)
     assert info.scheduler["schedule"] == "linear" and info.num_train_timesteps == T
-    apply, apply_back = jax.jit(lab.apply), jax.jit(reloaded.apply)
-    for i in (0, 250, 999):
-        t = jnp.full((2,), (i + 1) / T)
-        ours = np.asarray(apply(params, x, t, jnp.asarray(y)))
-        ref = _torch_out(pipe.unet.eval(), x, [i, i], y)
-        assert float(np.std(ref)) > 0.01
-        np.testing.assert_allclose(ref, ours, atol=1e-4, rtol=0)
-        back = np.asarray(apply_back(reloaded_params, x, t, jnp.asarray(y)))
-        np.testing.assert_allclose(back, ours, atol=1e-4, rtol=0)
+    assert reloaded.time_index_offset == 1.0 and reloaded.attention_levels == (1,)
+    flat, flat_back = (traverse_util.flatten_dict(p["params"]) for p in (params, back))
+    assert flat.keys() == flat_back.keys()
+    for key in flat:
+        if key != ("time_dense0", "kernel"):
+            np.testing.assert_array_equal(flat_back[key], flat[key], err_msg=str(key))
+    i = jnp.arange(0.0, 1000.0, 37.0)
+    np.testing.assert_allclose(
+        sinusoidal_embedding(i, 16) @ flat_back[("time_dense0", "kernel")],
+        sinusoidal_embedding(i + 1.0, 16) @ flat[("time_dense0", "kernel")],
+        atol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("schedule,steps", [("linear", 1000), ("cosine", 100)])
