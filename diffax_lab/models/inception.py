@@ -284,23 +284,28 @@ def _variables_from_arrays(arrays: dict[str, np.ndarray], path: str) -> dict:
         }[(col, leaf)]
         key = ".".join(mods + [torch_leaf])
         expected.add(key)
+        fix = (
+            f"convert pytorch-fid's {FID_WEIGHTS_FILE} with `python -m "
+            "diffax_lab.models.inception --convert IN.pth OUT.safetensors`"
+        )
         if key not in arrays:
+            raise ValueError(f"{path}: missing {key}; {fix}.")
+        s = shape.shape
+        torch_shape = (s[3], s[2], s[0], s[1]) if leaf == "kernel" else s
+        if arrays[key].shape != torch_shape:
             raise ValueError(
-                f"{path}: missing {key}; convert pytorch-fid's {FID_WEIGHTS_FILE} with "
-                "`python -m diffax_lab.models.inception --convert IN.pth OUT.safetensors`."
+                f"{path}: {key} has shape {list(arrays[key].shape)}, Inception-v3 (FID) has "
+                f"{list(torch_shape)}: not pytorch-fid's weights; {fix}."
             )
         a = arrays[key]
         if leaf == "kernel":
             a = a.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
-        if a.shape != shape.shape:
-            raise ValueError(
-                f"{path}: {key} has shape {list(arrays[key].shape)}, Inception-v3 (FID) "
-                f"expects the torch shape of {list(shape.shape)}; is this pytorch-fid's file?"
-            )
         flat[(col, *mods, leaf)] = jnp.asarray(a, jnp.float32)
     extra = sorted(k for k in arrays if k not in expected and not UNUSED_KEY.search(k))
     if extra:
-        raise ValueError(f"{path}: unexpected keys {extra[:8]}; is this pytorch-fid's file?")
+        raise ValueError(
+            f"{path}: unexpected keys {extra[:8]}: not pytorch-fid's Inception-v3 weights."
+        )
     return traverse_util.unflatten_dict(flat)
 
 
