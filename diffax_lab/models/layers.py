@@ -1,6 +1,7 @@
 """U-Net building blocks (Flax Linen, NHWC): the pieces diffusion courses teach, each selectable.
 
-- ``sinusoidal_embedding``: the Transformer/DDPM time embedding.
+- ``sinusoidal_embedding``: the Transformer/DDPM time embedding (with diffusers'
+  ``flip_sin_to_cos`` and ``freq_shift`` variants).
 - ``Downsample``: strided conv, average or max pooling, or rearrange pooling (space-to-depth,
   then a convolution).
 - ``Upsample``: nearest or bilinear resize followed by a convolution, or a transposed
@@ -14,6 +15,7 @@ statistics are always computed in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,17 +23,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu": nn.gelu,  # tanh approximation (Flax's default)
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),  # erf form (torch.nn.GELU)
+    "relu": nn.relu,
+    "mish": lambda x: x * jnp.tanh(nn.softplus(x)),  # Misra 2019
+}
 DOWNSAMPLES = ("conv", "avgpool", "maxpool", "rearrange")
 UPSAMPLES = ("nearest", "bilinear", "transpose")
 
 
-def sinusoidal_embedding(t, dim: int, max_period: float = 10000.0):
-    """[B] -> [B, dim]: sin and cos of t at geometrically spaced frequencies (DDPM's)."""
+def sinusoidal_embedding(
+    t,
+    dim: int,
+    max_period: float = 10000.0,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+):
+    """[B] -> [B, dim]: sin and cos of t at geometrically spaced frequencies.
+
+    Frequency k of the half = dim // 2 is max_period^(-k / (half - freq_shift)). The defaults
+    (sin first, freq_shift = 1) are DDPM's; diffusers' ``get_timestep_embedding`` has the
+    same two knobs (``flip_sin_to_cos`` puts cos first; Stable Diffusion uses True, 0).
+    """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    denom = half - freq_shift
+    if denom <= 0:  # a 2- or 3-dim embedding: one frequency, whatever the shift
+        denom = 1.0
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / denom)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -45,32 +68,48 @@ def space_to_depth(x, factor: int = 2):
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm whose statistics are taken in float32, then cast to the compute dtype."""
+    """GroupNorm whose statistics are taken in float32, then cast to the compute dtype.
+
+    ``epsilon`` defaults to Flax's 1e-6 (what every lab checkpoint was trained with);
+    torch.nn.GroupNorm's default is 1e-5.
+    """
 
     num_groups: int
     dtype: Any = jnp.float32
+    epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x):
-        y = nn.GroupNorm(num_groups=self.num_groups, dtype=jnp.float32, name="norm")(
-            x.astype(jnp.float32)
-        )
+        y = nn.GroupNorm(
+            num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32, name="norm"
+        )(x.astype(jnp.float32))
         return y.astype(self.dtype)
 
 
 class Downsample(nn.Module):
+    """Halves H and W.
+
+    ``padding`` (kind "conv" only) follows diffusers' ``downsample_padding``: 1 pads one
+    row and column on each side of the stride-2 3x3 conv; 0 pads only after (bottom and
+    right), as TensorFlow's SAME did in DDPM's original code.
+    """
+
     features: int
     kind: str = "conv"
     dtype: Any = jnp.float32
+    padding: int = 1
 
     @nn.compact
     def __call__(self, x):
         if self.kind == "conv":
+            if self.padding not in (0, 1):
+                raise ValueError(f"model.downsample_padding must be 0 or 1, got {self.padding}.")
+            pad = (1, 1) if self.padding == 1 else (0, 1)
             return nn.Conv(
                 self.features,
                 (3, 3),
                 strides=(2, 2),
-                padding=((1, 1), (1, 1)),
+                padding=(pad, pad),
                 dtype=self.dtype,
                 name="conv",
             )(x)
@@ -140,11 +179,12 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     activation: str = "silu"
     dtype: Any = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, emb, *, train: bool):
         act = ACTIVATIONS[self.activation]
-        h = act(GroupNorm(self.num_groups, self.dtype, name="norm1")(x))
+        h = act(GroupNorm(self.num_groups, self.dtype, self.norm_eps, name="norm1")(x))
         h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
         if emb is not None:
             h = (
@@ -153,7 +193,7 @@ class ResBlock(nn.Module):
                     :, None, None
                 ]
             )
-        h = act(GroupNorm(self.num_groups, self.dtype, name="norm2")(h))
+        h = act(GroupNorm(self.num_groups, self.dtype, self.norm_eps, name="norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Zero-initialised last conv: each block starts as the identity (improved-diffusion).
         h = nn.Conv(
@@ -165,21 +205,40 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H*W positions with a residual connection."""
+    """Self-attention over the H*W positions with a residual connection.
+
+    ``num_heads`` heads, or, when ``head_dim`` > 0, C / head_dim heads of that size (the
+    count then grows with the level's width, as in diffusers' ``attention_head_dim``). The
+    fused ``qkv`` projection's outputs are [q | k | v], each head-major.
+    """
 
     num_heads: int = 1
     num_groups: int = 32
     dtype: Any = jnp.float32
+    head_dim: int = 0
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
-        if c % self.num_heads:
-            raise ValueError(f"model.attention_heads={self.num_heads} must divide {c} channels.")
-        head_dim = c // self.num_heads
-        y = GroupNorm(self.num_groups, self.dtype, name="norm")(x).reshape(b, h * w, c)
+        if self.head_dim:
+            if c % self.head_dim:
+                raise ValueError(
+                    f"model.attention_head_dim={self.head_dim} must divide every attention "
+                    f"block's channels; {c} is not a multiple."
+                )
+            num_heads = c // self.head_dim
+        else:
+            if c % self.num_heads:
+                raise ValueError(
+                    f"model.attention_heads={self.num_heads} must divide {c} channels."
+                )
+            num_heads = self.num_heads
+        head_dim = c // num_heads
+        y = GroupNorm(self.num_groups, self.dtype, self.norm_eps, name="norm")(x)
+        y = y.reshape(b, h * w, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y)
-        q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * self.num_heads, head_dim), 3, axis=2)
+        q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * num_heads, head_dim), 3, axis=2)
         y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
         y = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out")(y)
         return x + y.reshape(b, h, w, c)

@@ -2,11 +2,17 @@
 
 ``UNet(...).apply(params, x, t, y=None, cond=None, cond_mask=None, train=False, rngs=...)``
 - ``x`` [B, H, W, C] noised images; H and W must divide by 2^(len(channel_mult) - 1).
-- ``t`` [B] continuous time in [0, 1]; embedded as ``time_scale * t`` (the DDPM step index).
+- ``t`` [B] continuous time in [0, 1]; embedded as ``time_scale * t - time_index_offset``.
+  The schedules put step i (0-based) at t = (i + 1) / T, so with time_scale = T the lab's
+  default (offset 0) embeds i + 1, while DDPM's code and diffusers embed i: offset 1.
 - ``y`` [B] int class labels in [0, num_classes]; ``num_classes`` itself is the learned null
   token that classifier-free guidance trains and samples with.
 - ``cond`` [B, cond_dim] a vector condition (a CLIP embedding, say); rows where
   ``cond_mask`` is False are replaced by a learned null vector.
+
+The options after ``dtype`` exist so that diffusers' ``UNet2DModel`` checkpoints map
+onto this network (``diffusers_unet.py``); each defaults to the lab's own behaviour, so
+every lab checkpoint keeps its meaning.
 
 Not for: schedules or losses: the network knows nothing of the diffusion process.
 """
@@ -52,6 +58,17 @@ class UNet(nn.Module):
     num_classes: int = 0  # 0: no class conditioning
     cond_dim: int = 0  # 0: no vector conditioning
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    # Embedded time is time_scale * t - time_index_offset: 1 embeds step i as DDPM/diffusers.
+    time_index_offset: float = 0.0
+    time_flip_sin_to_cos: bool = False  # cos before sin in the sinusoid (diffusers' flip)
+    time_freq_shift: float = 1.0  # frequencies max_period^(-k / (half - shift)); DDPM's is 1
+    norm_eps: float = 1e-6  # every GroupNorm's epsilon (Flax's default; torch's is 1e-5)
+    downsample_padding: int = 1  # "conv" downsample: 1 pads both sides, 0 only bottom/right
+    attention_head_dim: int = 0  # > 0: channels / head_dim heads per block (not attention_heads)
+    attention_levels: Sequence[int] = ()  # levels (0 = full size) with attention at any size
+    mid_attention: bool = True  # the attention block between the two middle ResBlocks
+    center_input: bool = False  # x -> 2 x - 1 first (diffusers' center_input_sample)
+    outer_activation: str = ""  # time MLP and output head; "" = activation (diffusers: silu)
 
     @nn.compact
     def __call__(self, x, t, y=None, cond=None, cond_mask=None, *, train: bool = False):
@@ -69,17 +86,27 @@ class UNet(nn.Module):
                     f"model.num_groups={self.num_groups} must divide every level's "
                     f"channels; {ch} is not a multiple."
                 )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}.")
-        act = ACTIVATIONS[self.activation]
+        for field in ("activation", "outer_activation"):
+            value = getattr(self, field)
+            if value not in ACTIVATIONS and not (field == "outer_activation" and value == ""):
+                raise ValueError(f"model.{field} must be one of {sorted(ACTIVATIONS)}.")
+        outer_act = ACTIVATIONS[self.outer_activation or self.activation]
         emb_dim = 4 * self.base_channels
         dt = self.dtype
+        if self.center_input:
+            x = 2.0 * x - 1.0
 
         emb = None
         if self.time_embedding == "sinusoidal":
-            emb = sinusoidal_embedding(self.time_scale * t, self.base_channels)
+            emb = sinusoidal_embedding(
+                self.time_scale * t - self.time_index_offset,
+                self.base_channels,
+                flip_sin_to_cos=self.time_flip_sin_to_cos,
+                freq_shift=self.time_freq_shift,
+            )
+            self.sow("intermediates", "time_sinusoid", emb)
             emb = nn.Dense(emb_dim, dtype=dt, name="time_dense0")(emb)
-            emb = nn.Dense(emb_dim, dtype=dt, name="time_dense1")(act(emb))
+            emb = nn.Dense(emb_dim, dtype=dt, name="time_dense1")(outer_act(emb))
         elif self.time_embedding == "channel":
             # The course's simplest conditioning: t as one more image channel.
             x = jnp.concatenate([x, jnp.broadcast_to(t[:, None, None, None], (b, h, w, 1))], -1)
@@ -106,10 +133,28 @@ class UNet(nn.Module):
             emb = add(emb, nn.Dense(emb_dim, dtype=dt, name="cond_proj")(cond.astype(dt)))
 
         def res(features, name):
-            return ResBlock(features, self.num_groups, self.dropout, self.activation, dt, name=name)
+            return ResBlock(
+                features,
+                self.num_groups,
+                self.dropout,
+                self.activation,
+                dt,
+                self.norm_eps,
+                name=name,
+            )
 
         def attn(name):
-            return AttentionBlock(self.attention_heads, self.num_groups, dt, name=name)
+            return AttentionBlock(
+                self.attention_heads,
+                self.num_groups,
+                dt,
+                self.attention_head_dim,
+                self.norm_eps,
+                name=name,
+            )
+
+        def has_attention(level, size):
+            return level in self.attention_levels or size in self.attention_resolutions
 
         hs = [nn.Conv(self.base_channels, (3, 3), dtype=dt, name="conv_in")(x.astype(dt))]
         for level, mult in enumerate(self.channel_mult):
@@ -117,25 +162,30 @@ class UNet(nn.Module):
                 hcur = res(self.base_channels * mult, f"down{level}_res{i}")(
                     hs[-1], emb, train=train
                 )
-                if hcur.shape[1] in self.attention_resolutions:
+                if has_attention(level, hcur.shape[1]):
                     hcur = attn(f"down{level}_attn{i}")(hcur)
                 hs.append(hcur)
             if level != len(self.channel_mult) - 1:
                 hs.append(
                     Downsample(
-                        hs[-1].shape[-1], self.downsample, dt, name=f"down{level}_downsample"
+                        hs[-1].shape[-1],
+                        self.downsample,
+                        dt,
+                        self.downsample_padding,
+                        name=f"down{level}_downsample",
                     )(hs[-1])
                 )
 
         hcur = res(hs[-1].shape[-1], "mid_res0")(hs[-1], emb, train=train)
-        hcur = attn("mid_attn")(hcur)
+        if self.mid_attention:
+            hcur = attn("mid_attn")(hcur)
         hcur = res(hcur.shape[-1], "mid_res1")(hcur, emb, train=train)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 hcur = jnp.concatenate([hcur, hs.pop()], axis=-1)
                 hcur = res(self.base_channels * mult, f"up{level}_res{i}")(hcur, emb, train=train)
-                if hcur.shape[1] in self.attention_resolutions:
+                if has_attention(level, hcur.shape[1]):
                     hcur = attn(f"up{level}_attn{i}")(hcur)
             if level != 0:
                 hcur = Upsample(
@@ -150,7 +200,7 @@ class UNet(nn.Module):
                 )(hcur)
         assert not hs
 
-        hcur = act(GroupNorm(self.num_groups, dt, name="norm_out")(hcur))
+        hcur = outer_act(GroupNorm(self.num_groups, dt, self.norm_eps, name="norm_out")(hcur))
         out = nn.Conv(
             self.out_channels, (3, 3), dtype=dt, kernel_init=nn.initializers.zeros, name="conv_out"
         )(hcur)
