@@ -18,7 +18,8 @@ setup(
         "numpy>=1.26,<3",
         "pillow>=10.1,<13",
         "tqdm>=4.66,<5",
-        "safetensors>=0.4,<1",  # weights in and out (AutoencoderKL, CLIP)
+        "safetensors>=0.4,<1",  # weights in and out (U-Net, AutoencoderKL, CLIP, Inception)
+        "diffrax>=0.7.2,<0.8",  # the probability-flow ODE's adaptive solvers
     ],
     extras_require={
         "dev": [
