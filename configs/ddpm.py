@@ -47,6 +47,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.model.num_groups = 32  # GroupNorm groups
     config.model.activation = "silu"  # silu | gelu | relu
     config.model.time_embedding = "sinusoidal"  # sinusoidal | channel
+    # The network sees the time index 1000 t - offset: 0 embeds step i as i + 1 (the lab's
+    # default since its first checkpoints), 1 embeds it as i (DDPM's and diffusers' networks).
+    config.model.time_index_offset = 0.0
     config.model.downsample = "conv"  # conv | avgpool | maxpool | rearrange
     config.model.upsample = "nearest"  # nearest | bilinear | transpose
     config.model.upsample_kernel = 3  # transpose only: PyTorch ConvTranspose2d semantics

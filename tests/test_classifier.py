@@ -17,6 +17,8 @@ from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
 from tests.helpers import load_config, tiny_config, write_fake_idx
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips it
+
 
 @pytest.fixture(scope="module")
 def fake_data(tmp_path_factory):

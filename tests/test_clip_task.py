@@ -1,11 +1,15 @@
 """The lab's own CLIP: contrastive training, zero-shot eval, and the exported directory
 loading like a pretrained Hugging Face CLIP."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
 from diffax_lab.modes import evaluate, train
+from diffax_lab.sharding import make_mesh
+from diffax_lab.tasks import registry
 from diffax_lab.tasks.clip import write_word_tokenizer
 from tests.helpers import load_config, write_fake_idx
 
@@ -24,6 +28,7 @@ def test_word_tokenizer_spells_each_caption_word_as_one_token(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_trains_evaluates_and_exports_a_loadable_clip(tmp_path):
     data = write_fake_idx(tmp_path / "data", n_train=64, n_test=32)
     config = load_config("clip.py", "tiny")
@@ -42,3 +47,13 @@ def test_trains_evaluates_and_exports_a_loadable_clip(tmp_path):
         method="encode_text",
     )
     assert emb.shape == (1, cfg.projection_dim) and np.all(np.isfinite(np.asarray(emb)))
+
+
+def test_clip_computes_in_model_dtype():
+    """model.dtype reaches the CLIP (it was ignored): bfloat16 compute, float32 parameters."""
+    config = load_config("clip.py", "tiny")
+    config.model.dtype = "bfloat16"
+    task = registry.build(config, make_mesh(1))
+    assert task.model.dtype == jnp.bfloat16
+    params = task.abstract_state["params"]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}

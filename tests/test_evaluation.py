@@ -14,6 +14,8 @@ from diffax_lab.modes import evaluate, train
 from diffax_lab.tasks.registry import check_config as validate_config
 from tests.helpers import load_config, tiny_config, write_fake_idx
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips it
+
 
 class CountingExtractor:
     def __init__(self, name):

@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.helpers import ROOT, write_fake_idx
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips it
 
 
 def test_four_devices_match_one_device(tmp_path):

@@ -9,11 +9,14 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from diffax_lab import checkpointing
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
 from tests.helpers import ROOT, SMALL_UNET, tiny_config, write_fake_idx
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips it
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from diffax_lab import checkpointing
 from diffax_lab.modes import train
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
-from tests.helpers import start_cli, tiny_config, wait_for_metrics, write_fake_idx
+from tests.helpers import start_cli, tiny_config, toy_config, wait_for_metrics, write_fake_idx
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,10 @@ def fake_data(tmp_path_factory):
 
 def test_a_nan_step_is_skipped_and_counted(fake_data, tmp_path):
     two = jax.device_get(
-        train.run(tiny_config(fake_data, **{"train.num_steps": 2}), str(tmp_path / "a"))
+        train.run(toy_config(fake_data, **{"train.num_steps": 2}), str(tmp_path / "a"))
     )
     workdir = str(tmp_path / "b")
-    config = tiny_config(fake_data, **{"train.num_steps": 3, "train.fault_nan_steps": (2,)})
+    config = toy_config(fake_data, **{"train.num_steps": 3, "train.fault_nan_steps": (2,)})
     three = jax.device_get(train.run(config, workdir))
     assert int(three["step"]) == 3
     for name in ("params", "ema_params", "opt_state"):  # the NaN step changed nothing
@@ -40,7 +40,7 @@ def test_a_nan_step_is_skipped_and_counted(fake_data, tmp_path):
 
 def test_persistent_nan_stops_the_run_without_a_bad_checkpoint(fake_data, tmp_path):
     workdir = str(tmp_path / "run")
-    config = tiny_config(
+    config = toy_config(
         fake_data,
         **{
             "train.num_steps": 6,
@@ -62,7 +62,8 @@ def test_persistent_nan_stops_the_run_without_a_bad_checkpoint(fake_data, tmp_pa
 
 @pytest.fixture(scope="module")
 def straight(fake_data, tmp_path_factory):
-    """Four steps with checkpoints at 2 and 4: the reference for the recovery tests."""
+    """Four steps with checkpoints at 2 and 4: the reference for the recovery tests (a
+    real network's checkpoint, whose arrays live in the files the tests damage)."""
     workdir = tmp_path_factory.mktemp("straight")
     state = train.run(tiny_config(fake_data), str(workdir))
     return jax.device_get(state), str(workdir)
@@ -123,6 +124,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
     ckpt.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_the_next_step_and_exits_zero(fake_data, tmp_path, signum):
     """SIGTERM (preemption) and the first Ctrl-C both save and exit 0; a rerun resumes."""
@@ -150,6 +152,7 @@ def test_a_signal_saves_the_next_step_and_exits_zero(fake_data, tmp_path, signum
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_resumes_from_the_last_complete_one(fake_data, straight, tmp_path):
     """Killed with SIGKILL while saving every step: the restart resumes from whatever
     checkpoint was complete and ends bit-identical to the uninterrupted run."""

@@ -5,15 +5,18 @@ import glob
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from diffax_lab.evaluators.clip_score import clip_report
 from diffax_lab.modes import evaluate, sample, train
+from diffax_lab.tasks.text2img import TextEncoder
 from tests.helpers import load_config, write_fake_idx
 
 
+@pytest.mark.slow
 def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
     data = write_fake_idx(tmp_path / "data", n_train=64, n_test=32)
     clip = load_config("clip.py", "tiny")
@@ -31,6 +34,12 @@ def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
     config.train.num_steps = 6
     train.run(config, workdir)  # resumes; the embeddings are reused, not recomputed
     assert os.path.getmtime(cached[0]) == mtime
+
+    # The conditioning CLIP computes in model.dtype too (bfloat16 here, close to float32).
+    f32 = TextEncoder(config.text.clip_dir).embed_texts(["a photo of a bag"])
+    bf16 = TextEncoder(config.text.clip_dir, dtype=jnp.bfloat16)
+    assert bf16.model.dtype == jnp.bfloat16 and bf16.name != TextEncoder(config.text.clip_dir).name
+    assert float(np.sum(f32 * bf16.embed_texts(["a photo of a bag"]))) > 0.98
 
     out = sample.run(config, workdir)
     grid = out["grid"].replace(".png", "_prompts.png")
@@ -73,6 +82,6 @@ def test_clip_report_scores_matched_shuffled_and_real_pairs():
     assert r["clip_score_shuffled"] == pytest.approx(100.0 * kept)
     assert r["real_clip_score"] == pytest.approx(0.0) and r["real_clip_accuracy"] == 0.0
     assert r["num_real_clip"] == n
-    # Negative cosines are clipped to 0, as torchmetrics' CLIP score does.
+    # A negative mean cosine is clamped to 0, as torchmetrics' CLIP score does.
     r = clip_report(prompts, -prompts[fake_y], fake_y, real, real_y)
     assert r["clip_score"] == 0.0

@@ -19,13 +19,12 @@ import numpy as np
 from diffax_lab.data import load_split
 from diffax_lab.errors import ConfigError
 from diffax_lab.evaluators import Context, EvaluatorBase
-from diffax_lab.metrics.clip_score import clip_score_of_embeddings
+from diffax_lab.metrics.clip_score import clip_score, cosine
 
 
-def _mean_sem(v: np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error (0 for a single value)."""
-    sem = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
-    return float(v.mean()), sem
+def _sem(v: np.ndarray) -> float:
+    """The standard error of the mean (0 for a single value)."""
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 def clip_report(prompt_emb, fake_emb, fake_y, real_emb, real_y, seed: int = 0) -> dict:
@@ -34,13 +33,16 @@ def clip_report(prompt_emb, fake_emb, fake_y, real_emb, real_y, seed: int = 0) -
     prompt_emb [K, D]: the class prompts' text embeddings; fake_emb [N, D] / real_emb [M, D]:
     image embeddings of samples (drawn for classes fake_y) and real images (of classes
     real_y). "Shuffled" pairs each image with the prompt of a random permutation of the
-    images' classes. Scores are means over images with their standard errors.
+    images' classes. A score is torchmetrics' CLIP score of the set, max(100 mean cos, 0)
+    (``metrics.clip_score.clip_score``), with the standard error of 100 cos over the images.
     """
     rng = np.random.default_rng(seed)
     prompt_emb, fake_y, real_y = np.asarray(prompt_emb), np.asarray(fake_y), np.asarray(real_y)
 
-    def scores(img, y):
-        return np.asarray(clip_score_of_embeddings(jnp.asarray(img), jnp.asarray(prompt_emb[y])))
+    def score(img, y):
+        img, txt = jnp.asarray(img), jnp.asarray(prompt_emb[y])
+        cos = 100.0 * np.asarray(cosine(img, txt))
+        return float(clip_score(img, txt)), _sem(cos)
 
     def zero_shot(img):
         img = img / np.linalg.norm(img, axis=-1, keepdims=True)
@@ -51,7 +53,7 @@ def clip_report(prompt_emb, fake_emb, fake_y, real_emb, real_y, seed: int = 0) -
     for name, emb, y in (("", fake_emb, fake_y), ("real_", real_emb, real_y)):
         emb = np.asarray(emb)
         for kind, yy in (("", y), ("_shuffled", y[rng.permutation(len(y))])):
-            m, sem = _mean_sem(scores(emb, yy))
+            m, sem = score(emb, yy)
             report[f"{name}clip_score{kind}"] = m
             report[f"{name}clip_score{kind}_sem"] = sem
         report[f"{name}clip_accuracy"] = float(np.mean(zero_shot(emb) == y))

@@ -52,10 +52,6 @@ def per_image_clip_scores(image_embeddings, text_embeddings):
     return 100.0 * jnp.maximum(cosine(image_embeddings, text_embeddings), 0.0)
 
 
-# The former name of per_image_clip_scores (text2img.py imports it).
-clip_score_of_embeddings = per_image_clip_scores
-
-
 def clip_score(image_embeddings, text_embeddings):
     """torchmetrics' CLIP score of the B pairs of embeddings [B, D]: the scalar
     max(100 * mean(cos), 0), the mean over pairs clamped, not each pair (torchmetrics 1.9,

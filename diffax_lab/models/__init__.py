@@ -79,6 +79,7 @@ def build_unet(config, out_channels: int | None = None) -> UNet:
         num_groups=c.num_groups,
         activation=c.activation,
         time_embedding=c.time_embedding,
+        time_index_offset=c.get("time_index_offset", 0.0),
         downsample=c.downsample,
         upsample=c.upsample,
         upsample_kernel=c.upsample_kernel,

@@ -47,6 +47,8 @@ def check_unet_section(config) -> None:
     check_number(config, "model.dropout", low=0.0, high=1.0, high_open=True)
     check_choice(config, "model.activation", tuple(ACTIVATIONS))
     check_choice(config, "model.time_embedding", TIME_EMBEDDINGS)
+    if "time_index_offset" in config.model:
+        check_number(config, "model.time_index_offset", low=0.0)
     check_choice(config, "model.downsample", DOWNSAMPLES)
     check_choice(config, "model.upsample", UPSAMPLES)
     check_number(config, "model.upsample_kernel", low=1, integer=True)
@@ -331,6 +333,13 @@ class DenoisingTask(Task):
         """The sampler chooses its own steps (no trajectory, no step count)."""
         return samplers.SAMPLER_GRIDS[self.config.sample.sampler] == "adaptive"
 
+    @property
+    def sample_steps(self):
+        """The steps of the sampler, as names and reports give them."""
+        if self.adaptive_sampler:
+            return "adaptive"
+        return self.config.sample.num_steps or self.schedule.num_steps
+
     @functools.cached_property
     def sample_batch(self):
         """The jitted sampler for one batch of sample.batch_size:
@@ -426,7 +435,7 @@ class DenoisingTask(Task):
         s = self.config.sample
         return {
             "sampler": s.sampler,
-            "sample_steps": s.num_steps or self.schedule.num_steps,
+            "sample_steps": self.sample_steps,
             "guidance_scale": s.guidance_scale,
             "classifier_scale": s.classifier_scale,
         }
@@ -440,7 +449,7 @@ class DenoisingTask(Task):
     def sample_tag(self) -> str:
         s = self.config.sample
         return (
-            f"{s.sampler}{s.num_steps or self.schedule.num_steps}_w{s.guidance_scale:g}"
+            f"{s.sampler}{self.sample_steps}_w{s.guidance_scale:g}"
             f"_s{s.classifier_scale:g}_n{self.config.eval.num_samples}"
         )
 
@@ -491,7 +500,7 @@ class DenoisingTask(Task):
 
     def sample_stem(self, step: int) -> str:
         s = self.config.sample
-        stem = f"sample_step_{step:06d}_{s.sampler}_{s.num_steps or self.schedule.num_steps}"
+        stem = f"sample_step_{step:06d}_{s.sampler}_{self.sample_steps}"
         if self.config.model.num_classes and self.config.train.p_uncond > 0:
             stem += f"_w{s.guidance_scale:g}"
         if self.classifier:
@@ -507,7 +516,7 @@ class DenoisingTask(Task):
             "Sampling %d images with %s (%s steps) from step %d%s...",
             s.num,
             s.sampler,
-            s.num_steps or self.schedule.num_steps,
+            self.sample_steps,
             step,
             f", classifier guidance s={s.classifier_scale:g}" if self.classifier else "",
         )

@@ -64,6 +64,7 @@ def reference(tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # the pytorch-fid reference runs in a subprocess
 def test_flax_inception_matches_pytorch_fid(reference):
     """The same function: resize, normalisation and network, both in float64, agree to
     1e-9 (far inside 1e-4) on the pool3 features of a small image."""
@@ -76,6 +77,7 @@ def test_flax_inception_matches_pytorch_fid(reference):
     np.testing.assert_allclose(ours64, ref64, atol=1e-9, rtol=0)
 
 
+@pytest.mark.slow  # the pytorch-fid reference runs in a subprocess
 def test_float32_features_match_pytorch_fid_to_its_own_rounding(reference):
     """The shipped float32 extractor on small images (resized to 299 as pytorch-fid does)
     is closer to pytorch-fid's float32 features than those are to its float64 ones. (A
@@ -100,6 +102,7 @@ def test_unit_rgb_reads_images_as_pytorch_fid():
         unit_rgb(np.zeros((1, 4, 4, 3), np.float32))
 
 
+@pytest.mark.slow  # the pytorch-fid reference runs in a subprocess
 def test_fid_matches_pytorch_fid(reference):
     mu_b, sigma_b = fid_lib.fid_statistics(reference["feats_b"])
     with pytest.warns(fid_lib.SmallSampleWarning, match="300 samples"):
@@ -120,6 +123,7 @@ def test_resize_matches_torch_bilinear(src, dst):
     np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+@pytest.mark.slow  # the pytorch-fid reference runs in a subprocess
 def test_pickle_and_foreign_weights_are_refused(tmp_path, reference):
     with pytest.raises(ValueError, match=r"pickle.*--convert"):
         load_inception(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
