@@ -101,6 +101,7 @@ def drop_metadata(step_dir):
     os.remove(os.path.join(step_dir, "default", "_METADATA"))
 
 
+@pytest.mark.slow  # trains a diffusion model
 @pytest.mark.parametrize("damage", ["bit_flip", "truncated", "no_metadata"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
     fake_data, straight, tmp_path, capsys, damage

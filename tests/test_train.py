@@ -14,6 +14,8 @@ from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
 from tests.helpers import FASHION_DIR, load_config, run_cli, tiny_config, write_fake_idx
 
+pytestmark = pytest.mark.slow  # trains diffusion models: `make test-fast` skips it
+
 
 @pytest.fixture(scope="module")
 def fake_data(tmp_path_factory):
@@ -117,7 +119,6 @@ def _check_sample_and_eval(workdir):
     assert report["num_examples"] == 32 and np.isfinite(report["test_loss"])
 
 
-@pytest.mark.slow
 def test_cli_on_real_fashion_mnist(tmp_path):
     """The real Debian files (`.ci/run` installs dataset-fashion-mnist)."""
     assert os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")), (

@@ -111,6 +111,7 @@ def analytic_gaussian_bound(schedule, s: float) -> float:
     return float((prior + decoder + kl.sum()) / math.log(2))
 
 
+@pytest.mark.slow  # all T terms of the bound
 def test_bits_per_dim_of_the_gaussian_target_matches_the_closed_form():
     """Data N(0, 0.3^2) per dimension with the exact optimal predictor: the Monte Carlo
     bound through the network path equals the closed form (8.06 bits/dim at T = 1000; the

@@ -275,6 +275,7 @@ def test_scheduler_config_has_the_lab_schedule(tmp_path, schedule, steps):
     )
 
 
+@pytest.mark.slow  # a whole sampling loop in both libraries
 def test_ddim_10_steps_matches_diffusers(cifar):
     """The lab's DDIM sampler on the converted weights against diffusers' DDIMScheduler loop
     on the original, from the same x_T. diffusers steps from t to t - T / n, so its
