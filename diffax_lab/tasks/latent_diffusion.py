@@ -22,6 +22,8 @@ Encoding inside the step would run the encoder's forward pass on every batch, S 
 images, which is S B / N passes over the N training images (hundreds in a normal run, and the
 encoder is as large as the decoder), for the same result each time; with the cache each image
 is encoded once, and a step only draws z = mean + std * eps (elementwise) before the U-Net.
+Measured with configs/ldm.py:cpu on a 2-core CPU: encoding costs 3 ms an image, so 0.2 s a
+batch of 64, more than the U-Net's whole step (0.14 s); the cache costs 3 minutes once.
 
 Sampling runs the samplers of ``tasks/denoising.py`` in latent space (every sampler, CFG) and
 decodes z / scale before anything is written or judged: the grid and .npz, the strips (the
@@ -236,12 +238,18 @@ class LatentDiffusionTask(DenoisingTask):
                 fn = functools.partial(task._moments, task.vae_params)
                 return predict_in_batches(fn, x_u8, task.config.latent.encode_batch_size)
 
-        logging.info("Encoding the %s split (%d images) once...", split, len(images_u8))
+        logging.info(
+            "Latents of the %s split (%d images): from the cache in %s, else encoded once now...",
+            split,
+            len(images_u8),
+            workdir,
+        )
         moments, hit = reference_features(
             Encoder(), self.config.data, split, images_u8, workdir, f"latents_{split}"
         )
-        if hit:
-            logging.info("Latents of the %s split read from the cache in %s.", split, workdir)
+        logging.info(
+            "Latents of the %s split %s.", split, "read from the cache" if hit else "cached"
+        )
         return moments
 
     def latents(self, moments, key):
