@@ -32,6 +32,7 @@ METRICS = {
     "clip_score": "clip_score",
     "accuracy": "accuracy",
     "zero_shot": "zero_shot",
+    "reconstruction": "reconstruction",
 }
 
 

@@ -15,6 +15,7 @@ from diffax_lab.errors import ConfigError
 from diffax_lab.models.classifier import Classifier
 from diffax_lab.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from diffax_lab.models.unet import UNet
+from diffax_lab.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -141,3 +142,33 @@ def clip_config(config) -> CLIPConfig:
 def build_clip(config) -> CLIP:
     """CLIP in Hugging Face's parameter layout, computing in model.dtype."""
     return CLIP(clip_config(config), compute_dtype(config))
+
+
+def autoencoder_kl_config(config) -> AutoencoderKLConfig:
+    """The KL autoencoder of an ``autoencoder`` section (diffusers' field names) for the
+    data section's images: in and out channels are data.channels, sample_size data.image_size.
+    Raises ConfigError naming the field the networks cannot be built with."""
+    a = config.autoencoder
+    try:
+        ae = AutoencoderKLConfig(
+            in_channels=config.data.channels,
+            out_channels=config.data.channels,
+            block_out_channels=tuple(a.block_out_channels),
+            layers_per_block=a.layers_per_block,
+            latent_channels=a.latent_channels,
+            norm_num_groups=a.norm_num_groups,
+            mid_block_add_attention=a.mid_block_add_attention,
+            use_quant_conv=a.use_quant_conv,
+            use_post_quant_conv=a.use_post_quant_conv,
+            sample_size=config.data.image_size,
+        )
+        ae.validate()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.autoencoder: {e}") from None
+    return ae
+
+
+@register_model("autoencoder_kl")
+def build_autoencoder_kl(config) -> AutoencoderKL:
+    """diffusers' AutoencoderKL from the ``autoencoder`` section, computing in model.dtype."""
+    return AutoencoderKL(autoencoder_kl_config(config), compute_dtype(config))

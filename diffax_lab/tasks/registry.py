@@ -16,7 +16,7 @@ from diffax_lab.errors import ConfigError
 from diffax_lab.tasks.base import Task
 
 TASKS: dict[str, type[Task]] = {}
-BUILTIN = ("diffusion", "text2img", "classifier", "clip")
+BUILTIN = ("diffusion", "text2img", "classifier", "clip", "autoencoder", "latent_diffusion")
 
 
 def register(cls: type[Task]) -> type[Task]:
