@@ -20,7 +20,9 @@ from diffax_lab.diffusion.samplers import DEFAULTS
 
 def get_config(arg: str | None = None) -> ConfigDict:
     config = ConfigDict()
-    config.task = "diffusion"  # diffusion | text2img | classifier | clip (diffax_lab/tasks)
+    config.task = (
+        "diffusion"  # a task of diffax_lab/tasks: diffusion, text2img, latent_diffusion ...
+    )
     config.seed = 0  # base PRNG seed; every step derives its key by fold_in(key, step)
 
     config.data = ConfigDict()
@@ -37,7 +39,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.data.test_fraction = 0.0
 
     config.model = ConfigDict()
-    config.model.name = "unet"  # the network (diffax_lab/models registry): unet | classifier | clip
+    config.model.name = "unet"  # diffax_lab/models registry: unet classifier clip autoencoder_kl
     config.model.base_channels = 64
     config.model.channel_mult = (1, 2, 2)  # per level; 32 -> 16 -> 8
     config.model.num_res_blocks = 2
@@ -135,7 +137,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
     config.eval = ConfigDict()
     # Evaluators (diffax_lab/evaluators) by name: loss, fd, kid, pr, bpd, clip_score, accuracy,
-    # zero_shot; () = the task's defaults (loss, + fd/kid/pr with a judge, + bpd when asked).
+    # zero_shot, reconstruction; () = the task's defaults (loss, + fd/kid/pr with a judge,
+    # + bpd when asked).
     config.eval.metrics = ()
     config.eval.num_examples = 2048  # test images for the held-out loss
     config.eval.batch_size = 256

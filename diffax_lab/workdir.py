@@ -33,6 +33,8 @@ STATE_DEFINING = (
     "optim.optimizer",
     "optim.grad_clip",
     "seed",
+    "autoencoder",
+    "latent.autoencoder",
 )
 LOCK_NAME = ".lock"
 

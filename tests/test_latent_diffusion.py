@@ -121,10 +121,12 @@ def test_a_given_scale_factor_is_recorded_and_checked(data, hf_vae, tmp_path):
     with open(os.path.join(workdir, "latent_scale.json")) as f:
         record = json.load(f)
     assert record["scale_factor"] == 0.5 and not record["estimated"]
-    # The train step maps its "images" u to u / 127.5 - 1: the moments come back.
+    # The steps draw from the cached posterior moments themselves (model_input passes them).
     (cache,) = glob.glob(os.path.join(workdir, "latents_train_*.npz"))
     with np.load(cache) as f:
-        np.testing.assert_allclose(stored / 127.5 - 1.0, f["features"], atol=1e-5)
+        np.testing.assert_allclose(stored, f["features"], atol=1e-6)
+    x0, y = task.model_input(stored[:4], labels[:4], None)
+    np.testing.assert_array_equal(x0, stored[:4])
     config.latent.scale_factor = 0.25  # not what the run recorded
     with pytest.raises(ConfigError, match="trained with 0.5"):
         build(config, workdir, "sample")

@@ -210,6 +210,7 @@ def _train(config, workdir, mesh, task):
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     # From here on Ctrl-C and SIGTERM ask for a save at the next finished step.
     stop = StopSignals(ckpt)
+    all_finite = jax.jit(tree_all_finite)  # one program, not one op per leaf
     writer = progress = None
     try:
         state, _ = restore_or_init(task, ckpt, config)
@@ -303,7 +304,7 @@ def _train(config, workdir, mesh, task):
         def save(step):
             nonlocal last_save
             flush(step)  # never save a state whose losses were not checked
-            if not bool(tree_all_finite(state)):  # the guard makes this unreachable; be sure
+            if not bool(all_finite(state)):  # the guard makes this unreachable; be sure
                 raise NonFiniteError(f"Non-finite parameters at step {step}; not saved.")
             ckpt.save(step, state)
             last_save = wall_clock()

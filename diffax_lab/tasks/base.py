@@ -169,6 +169,15 @@ class Task:
         """(uint8 images [N, H, W, C], per-example conditions [N, ...]) the steps draw from."""
         return self.load_train_split()
 
+    def model_input(self, images, labels, key):
+        """A step's batch as the loss takes it: uint8 images -> [-1, 1] (flipped left-right
+        at random with data.random_flip), labels as they are. A task whose data is not
+        pixels (cached latents) returns its own."""
+        x0 = pipeline.to_model_range(images)
+        if self.config.data.random_flip:
+            x0 = pipeline.random_flip(key, x0)
+        return x0, labels
+
     def write_samples(self, params, workdir: str, step: int, key) -> str | None:
         """Periodic samples during training (train.sample_every); None: nothing to draw."""
         return None
@@ -275,9 +284,7 @@ class Task:
             if gather_in_step:
                 idx = pipeline.batch_indices(self.data_key, step, num_examples, B)
                 images, labels = images[idx], labels[idx]
-            x0 = pipeline.to_model_range(images)
-            if c.data.random_flip:
-                x0 = pipeline.random_flip(flip_key, x0)
+            x0, labels = self.model_input(images, labels, flip_key)
             x0 = jax.lax.with_sharding_constraint(x0, self.batch_sharding)
 
             def loss_of(params):

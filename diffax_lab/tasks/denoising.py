@@ -156,6 +156,34 @@ def check_sample_metric_fields(config) -> None:
         )
 
 
+def check_label_fields(config) -> None:
+    """Class labels (model.num_classes), their dropout for classifier-free guidance and the
+    labels a sample asks for; a vector-conditional model (model.cond_dim) also drops."""
+    k = config.model.num_classes
+    conditional = k or config.model.cond_dim
+    if config.train.p_uncond > 0 and not conditional:
+        raise ConfigError(
+            "config.train.p_uncond > 0 drops the condition, but the model is unconditional; "
+            "set model.num_classes (or model.cond_dim) or p_uncond=0."
+        )
+    guided = config.sample.classifier_scale > 0
+    labels = tuple(config.sample.labels)
+    if labels and not (k or guided):
+        raise ConfigError(
+            "config.sample.labels is set but the model is unconditional (model.num_classes=0) "
+            "and no classifier guides it (sample.classifier_scale=0)."
+        )
+    if k and any(not isinstance(y, int) or not 0 <= y < k for y in labels):
+        raise ConfigError(f"config.sample.labels={labels!r} must be integers in [0, {k}).")
+    if any(not isinstance(y, int) or y < 0 for y in labels):
+        raise ConfigError(f"config.sample.labels={labels!r} must be integers >= 0.")
+    if config.sample.guidance_scale > 0 and not (conditional and config.train.p_uncond > 0):
+        raise ConfigError(
+            "config.sample.guidance_scale > 0 needs a conditional model trained with condition "
+            "dropout (model.num_classes or model.cond_dim > 0, and train.p_uncond > 0)."
+        )
+
+
 class DenoisingTask(Task):
     """A U-Net trained to denoise x_t under one schedule; samples with every sampler."""
 
@@ -170,6 +198,7 @@ class DenoisingTask(Task):
         check_sampler_fields(config)
         check_sample_metric_fields(config)
         check_number(config, "train.p_uncond", low=0.0, high=1.0, high_open=True)
+        check_label_fields(config)
 
     def build(self):
         c = self.config
@@ -188,19 +217,39 @@ class DenoisingTask(Task):
         judge = ("fd", "kid", "pr") if e.judge_workdir else ()
         return ("loss", *judge, *(("bpd",) if e.bpd_num_examples else ()))
 
-    # ----- how a condition enters the network (subclasses) -----
+    # ----- how a condition enters the network: class labels (model.num_classes) here;
+    # a task conditioned on something else overrides these four -----
+    @property
+    def uses_condition(self) -> bool:
+        """Whether the network takes the per-example condition (labels of the data)."""
+        return bool(self.config.model.num_classes)
+
     def condition_kwargs(self, cond, train: bool = False, key=None) -> dict:
-        """Keyword arguments of the U-Net for the per-example condition ``cond`` (None for
-        none); at training time with ``key`` the condition is dropped at rate p_uncond."""
-        return {}
+        """Keyword arguments of the U-Net for the per-example condition ``cond``; at training
+        time with ``key`` the label is dropped to the null label at rate p_uncond."""
+        k = self.config.model.num_classes
+        if not k:
+            return {}  # labels reach only a guiding classifier
+        p = self.config.train.p_uncond
+        if train and p > 0:  # classifier-free guidance: drop to the null label
+            cond = jnp.where(jax.random.bernoulli(key, p, cond.shape), k, cond)
+        return {"y": cond}
 
     def uncond_kwargs(self, cond) -> dict | None:
         """The null condition of classifier-free guidance, or None when there is no CFG."""
-        return None
+        k = self.config.model.num_classes
+        if not k or self.config.train.p_uncond == 0:
+            return None
+        return {"y": jnp.full_like(cond, k)}
 
     def sample_conditions(self, num: int, labels=None):
-        """The conditions of ``num`` samples (None for unconditional ones)."""
-        return None
+        """The conditions of ``num`` samples: the labels asked (sample.labels, else every
+        class in turn), or None for unlabelled sampling."""
+        if not self.num_labels:
+            return None
+        labels = labels if labels is not None else tuple(self.config.sample.labels)
+        labels = tuple(np.asarray(labels).tolist()) or tuple(range(self.num_labels))
+        return np.asarray(labels, np.int32)
 
     # ----- the network -----
     def init_params(self, key):
@@ -224,10 +273,6 @@ class DenoisingTask(Task):
         cond = labels if self.uses_condition else None
         fn = self.model_fn(params, cond, train=True, rngs={"dropout": dropout_key}, key=drop_key)
         return self.loss_fn(fn, x0, loss_key)
-
-    @property
-    def uses_condition(self) -> bool:
-        return False
 
     def eval_loss(self, params, x_u8, cond, key):
         """(loss, aux) of a test batch, conditioned as in training but never dropped."""

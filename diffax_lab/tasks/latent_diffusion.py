@@ -151,25 +151,6 @@ class LatentDiffusionTask(DenoisingTask):
                 "config.sample.classifier_scale > 0: classifier guidance needs a classifier of "
                 "noisy latents, which the lab does not train; use classifier-free guidance."
             )
-        # Labels, as tasks/diffusion.py checks them.
-        k = config.model.num_classes
-        if config.train.p_uncond > 0 and not k:
-            raise ConfigError(
-                "config.train.p_uncond > 0 drops the condition, but the model is "
-                "unconditional; set model.num_classes or p_uncond=0."
-            )
-        labels = tuple(config.sample.labels)
-        if labels and not k:
-            raise ConfigError(
-                "config.sample.labels is set but the model is unconditional (model.num_classes=0)."
-            )
-        if k and any(not isinstance(y, int) or not 0 <= y < k for y in labels):
-            raise ConfigError(f"config.sample.labels={labels!r} must be integers in [0, {k}).")
-        if config.sample.guidance_scale > 0 and not (k and config.train.p_uncond > 0):
-            raise ConfigError(
-                "config.sample.guidance_scale > 0 needs a conditional model trained with "
-                "condition dropout (model.num_classes > 0 and train.p_uncond > 0)."
-            )
 
     def build(self):
         c = self.config
@@ -349,13 +330,15 @@ class LatentDiffusionTask(DenoisingTask):
 
     # ----- training and the test loss -----
     def train_data(self, workdir: str):
-        """(posterior mean | std of every training image, labels). The base step maps its
-        "images" u to u / 127.5 - 1 (uint8 pixels to [-1, 1]); the moments are handed over as
-        (m + 1) * 127.5 so that the step recovers m (to float32 rounding)."""
+        """(posterior mean | std of every training image, labels): what the steps draw from."""
         imgs, labels = self.load_train_split()
         moments = self.posteriors(imgs, "train", workdir)
         self.scale_factor = self.settle_scale(moments, workdir)
-        return (moments.astype(np.float32) + 1.0) * 127.5, labels
+        return moments.astype(np.float32), labels
+
+    def model_input(self, moments, labels, key):
+        """The step's batch is already in latent space: the cached posterior moments."""
+        return moments, labels
 
     def train_loss(self, params, x0, labels, keys):
         """``x0``: posterior moments (``train_data``); the U-Net's loss on one draw of z."""
@@ -374,33 +357,6 @@ class LatentDiffusionTask(DenoisingTask):
         z = self.latents(moments, jax.random.fold_in(key, 1))
         fn = self.model_fn(params, cond if self.uses_condition else None)
         return self.loss_fn(fn, z, key)
-
-    # ----- labels, as in tasks/diffusion.py -----
-    @property
-    def uses_condition(self) -> bool:
-        return bool(self.config.model.num_classes)
-
-    def condition_kwargs(self, cond, train=False, key=None):
-        k = self.config.model.num_classes
-        if not k:
-            return {}
-        p = self.config.train.p_uncond
-        if train and p > 0:  # classifier-free guidance: drop to the null label
-            cond = jnp.where(jax.random.bernoulli(key, p, cond.shape), k, cond)
-        return {"y": cond}
-
-    def uncond_kwargs(self, cond):
-        k = self.config.model.num_classes
-        if not k or self.config.train.p_uncond == 0:
-            return None
-        return {"y": jnp.full_like(cond, k)}
-
-    def sample_conditions(self, num, labels=None):
-        if not self.num_labels:
-            return None
-        labels = labels if labels is not None else tuple(self.config.sample.labels)
-        labels = tuple(np.asarray(labels).tolist()) or tuple(range(self.num_labels))
-        return np.asarray(labels, np.int32)
 
     # ----- sampling: latents decoded to images -----
     def generate(self, params, num, key, labels=None, num_trajectory=0, **kwargs):

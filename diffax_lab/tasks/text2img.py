@@ -132,11 +132,6 @@ class Text2ImgTask(DenoisingTask):
             )
         if config.sample.classifier_scale > 0:
             raise ConfigError("config.sample.classifier_scale must be 0 for text2img.")
-        if config.sample.guidance_scale > 0 and not config.train.p_uncond > 0:
-            raise ConfigError(
-                "config.sample.guidance_scale > 0 needs a conditional model trained with "
-                "condition dropout (train.p_uncond > 0)."
-            )
         names = tuple(config.text.get("class_names", ()))
         if not names or not all(isinstance(n, str) and n.strip() for n in names):
             raise ConfigError(
