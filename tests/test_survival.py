@@ -93,9 +93,14 @@ def test_a_second_run_on_a_training_workdir_is_refused_naming_the_first(fake_dat
         assert "Compiling" not in r.stderr
         # Sample and eval take no lock: they run beside the training (once a step is saved).
     finally:
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: save the next finished step, exit 0
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-2000:]
+    ckpt = checkpointing.Checkpointer(workdir)
+    (saved,) = ckpt.all_steps()
+    ckpt.close()
+    assert f"Saved step {saved} in" in err and "rerun the same command" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         steps = [json.loads(x)["step"] for x in f]
     assert steps == sorted(set(steps))  # one writer: no step twice
