@@ -26,3 +26,28 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end runs (subprocesses, training); `make test-fast` skips them"
     )
+
+
+# Shared across test files (once per xdist worker): the tiny fake dataset and a tiny
+# diffusion run trained on it, four steps with checkpoints at 2 and 4. Tests copy the
+# workdir before they change it.
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    from tests.helpers import write_fake_idx
+
+    return write_fake_idx(tmp_path_factory.mktemp("idx"), n_train=64, n_test=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """(final state on the host, workdir) of configs/ddpm.py:tiny on ``tiny_data``."""
+    from diffax_lab.modes import train
+    from tests.helpers import tiny_config
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    state = train.run(tiny_config(tiny_data), str(workdir))
+    return jax.device_get(state), str(workdir)

@@ -6,14 +6,11 @@ import subprocess
 import sys
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffax_lab import config_lib, images
+from diffax_lab import config_lib
 from diffax_lab.data.idx import write_idx
-from diffax_lab.tasks import registry
-from diffax_lab.tasks.base import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -82,36 +79,3 @@ def wait_for_metrics(workdir, proc, min_step=1, timeout=240):
         time.sleep(0.05)
     proc.kill()
     pytest.fail("no training step within the timeout")
-
-
-@registry.register
-class MeanImageTask(Task):
-    """A toy task: learns the mean training image (one parameter per pixel)."""
-
-    name = "toy_mean_image"
-    can_sample = True
-    metrics = ("loss",)
-
-    def build(self):
-        self.model = None
-
-    def init_params(self, key):
-        return {"mean": jnp.zeros(self.image_shape)}
-
-    def train_loss(self, params, x0, labels, keys):
-        mse = jnp.mean((x0 - params["mean"]) ** 2)
-        return mse, {"mse": mse}
-
-    def sample(self, params, workdir, step, key):
-        img = np.asarray(jnp.clip((params["mean"] + 1) * 127.5, 0, 255), np.uint8)
-        path = os.path.join(workdir, "samples", f"mean_{step}.png")
-        images.save_grid(path, img[None])
-        return {"step": step, "grid": path, "mean": img}
-
-
-def toy_config(data_dir, **overrides):
-    """The tiny config run by ``MeanImageTask``: for tests of the loop (checkpoints, resume,
-    signals, schedules) rather than of a network; its step compiles in about a second."""
-    config = tiny_config(data_dir, **overrides)
-    config.task = MeanImageTask.name
-    return config

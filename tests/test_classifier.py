@@ -3,6 +3,7 @@ sampling through the app (the guidance maths are tested in tests/diffusion)."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -75,18 +76,19 @@ def test_clean_classifier_learns_and_reports_test_accuracy(fake_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def guided_runs(fake_data, tmp_path_factory):
-    """A tiny unconditional DDPM and a tiny noise-conditioned classifier on the same data."""
-    root = tmp_path_factory.mktemp("guided")
-    ddpm_dir, clf_dir = str(root / "ddpm"), str(root / "clf")
-    train.run(tiny_config(fake_data), ddpm_dir)
-    train.run(classifier_config(fake_data), clf_dir)
+def guided_runs(tiny_data, tiny_run, tmp_path_factory):
+    """A tiny unconditional DDPM (tests/conftest.py's shared run) and a tiny
+    noise-conditioned classifier on the same data."""
+    clf_dir = str(tmp_path_factory.mktemp("guided") / "clf")
+    train.run(classifier_config(tiny_data), clf_dir)
+    ddpm_dir = str(tmp_path_factory.mktemp("guided_ddpm") / "ddpm")
+    shutil.copytree(tiny_run[1], ddpm_dir)  # sampling writes into it
     return ddpm_dir, clf_dir
 
 
-def test_noisy_classifier_reports_accuracy_per_noise_level(fake_data, guided_runs):
+def test_noisy_classifier_reports_accuracy_per_noise_level(tiny_data, guided_runs):
     _, clf_dir = guided_runs
-    report = evaluate.run(classifier_config(fake_data), clf_dir)
+    report = evaluate.run(classifier_config(tiny_data), clf_dir)
     for key in (
         "test_accuracy",
         "test_accuracy_t0.25",
@@ -96,12 +98,12 @@ def test_noisy_classifier_reports_accuracy_per_noise_level(fake_data, guided_run
         assert 0.0 <= report[key] <= 1.0
 
 
-def test_classifier_guided_sampling_through_the_app(fake_data, guided_runs):
+def test_classifier_guided_sampling_through_the_app(tiny_data, guided_runs):
     """Unconditional model + classifier: labelled samples, one sweep row per scale s, and
     the guidance reaches the pixels (s = 3 differs from s = 0 from the same noise)."""
     ddpm_dir, clf_dir = guided_runs
     config = tiny_config(
-        fake_data,
+        tiny_data,
         **{
             "sample.classifier_scale": 3.0,
             "sample.classifier_workdir": clf_dir,

@@ -14,12 +14,13 @@ from diffax_lab import checkpointing
 from diffax_lab.modes import train
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
-from tests.helpers import start_cli, tiny_config, toy_config, wait_for_metrics, write_fake_idx
+from tests.helpers import start_cli, tiny_config, wait_for_metrics
+from tests.test_tasks import toy_config
 
 
 @pytest.fixture(scope="module")
-def fake_data(tmp_path_factory):
-    return write_fake_idx(tmp_path_factory.mktemp("idx"), n_train=64, n_test=32)
+def fake_data(tiny_data):
+    return tiny_data
 
 
 def test_a_nan_step_is_skipped_and_counted(fake_data, tmp_path):
@@ -62,12 +63,11 @@ def test_persistent_nan_stops_the_run_without_a_bad_checkpoint(fake_data, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def straight(fake_data, tmp_path_factory):
-    """Four steps with checkpoints at 2 and 4: the reference for the recovery tests (a
-    real network's checkpoint, whose arrays live in the files the tests damage)."""
-    workdir = tmp_path_factory.mktemp("straight")
-    state = train.run(tiny_config(fake_data), str(workdir))
-    return jax.device_get(state), str(workdir)
+def straight(tiny_run):
+    """Four steps with checkpoints at 2 and 4 (tests/conftest.py): the reference for the
+    recovery tests (a real network's checkpoint, whose arrays live in the files the tests
+    damage)."""
+    return tiny_run
 
 
 def assert_same_state(a, b):

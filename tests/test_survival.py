@@ -24,10 +24,10 @@ from tests.helpers import (
     run_cli,
     start_cli,
     tiny_config,
-    toy_config,
     wait_for_metrics,
     write_fake_idx,
 )
+from tests.test_tasks import toy_config
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,59 @@
-"""The task interface: a task defined and registered outside the lab (tests/helpers.py,
-``MeanImageTask``; no file of diffax_lab knows it) runs through train -> sample -> eval by
-the modes the command line runs; the registry refuses unknown names and saved runs of older
-versions still load."""
+"""The task interface: a task defined and registered here, in this test module (no file of
+diffax_lab knows it), runs through train -> sample -> eval by the modes the command line
+runs; the registry refuses unknown names and saved runs of older versions still load.
+
+The same toy task (``toy_config``) serves the tests of the loop that ask nothing of a
+network (tests/test_survival.py, tests/test_robustness.py): its step compiles in a second."""
 
 import json
 import os
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffax_lab import config_lib
+from diffax_lab import config_lib, images
 from diffax_lab.errors import ConfigError
 from diffax_lab.main import MODES
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
-from tests.helpers import MeanImageTask, tiny_config, write_fake_idx
+from diffax_lab.tasks.base import Task
+from tests.helpers import tiny_config, write_fake_idx
+
+
+@registry.register
+class MeanImageTask(Task):
+    """A toy task: learns the mean training image (one parameter per pixel)."""
+
+    name = "toy_mean_image"
+    can_sample = True
+    metrics = ("loss",)
+
+    def build(self):
+        self.model = None
+
+    def init_params(self, key):
+        return {"mean": jnp.zeros(self.image_shape)}
+
+    def train_loss(self, params, x0, labels, keys):
+        mse = jnp.mean((x0 - params["mean"]) ** 2)
+        return mse, {"mse": mse}
+
+    def sample(self, params, workdir, step, key):
+        img = np.asarray(jnp.clip((params["mean"] + 1) * 127.5, 0, 255), np.uint8)
+        path = os.path.join(workdir, "samples", f"mean_{step}.png")
+        images.save_grid(path, img[None])
+        return {"step": step, "grid": path, "mean": img}
+
+
+def toy_config(data_dir, **overrides):
+    """The tiny config run by ``MeanImageTask``: for tests of the loop (checkpoints, resume,
+    signals, schedules) rather than of a network; its step compiles in about a second."""
+    config = tiny_config(data_dir, **overrides)
+    config.task = MeanImageTask.name
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +148,11 @@ def test_sampler_options_come_from_the_sample_section_by_name(tmp_path):
     config.sample.num_steps = 10
     with pytest.raises(ConfigError, match=r"'ode' chooses its own steps"):
         registry.check_config(config)
+
+
+def test_the_loop_estimates_the_run_after_its_first_steps(tmp_path, caplog):
+    """After the first timed steps the loop logs its step time and what the rest takes."""
+    caplog.set_level("INFO")
+    config = toy_config(write_fake_idx(tmp_path / "d"), **{"train.num_steps": 12})
+    MODES["train"].run(config, str(tmp_path / "run"))
+    assert re.search(r"s/step: the remaining \d+ steps take about", caplog.text)

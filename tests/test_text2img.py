@@ -12,6 +12,8 @@ from PIL import Image
 
 from diffax_lab.evaluators.clip_score import clip_report
 from diffax_lab.modes import evaluate, sample, train
+from diffax_lab.sharding import make_mesh
+from diffax_lab.tasks import registry
 from diffax_lab.tasks.text2img import TextEncoder
 from tests.helpers import load_config, write_fake_idx
 
@@ -31,9 +33,10 @@ def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
     cached = glob.glob(os.path.join(workdir, "clip_embeddings_train_*.npz"))
     assert len(cached) == 1
     mtime = os.path.getmtime(cached[0])
-    config.train.num_steps = 6
-    train.run(config, workdir)  # resumes; the embeddings are reused, not recomputed
-    assert os.path.getmtime(cached[0]) == mtime
+    task = registry.build(config, make_mesh(1))  # what a resumed run does first
+    task.load_resources(workdir, "train")
+    _, emb = task.train_data(workdir)  # the embeddings are reused, not recomputed
+    assert os.path.getmtime(cached[0]) == mtime and emb.shape == (64, config.model.cond_dim)
 
     # The conditioning CLIP computes in model.dtype (it was loaded in float32 whatever the
     # config said), and its cached embeddings are keyed by that dtype.
@@ -50,7 +53,7 @@ def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
     # CLIP scores of samples drawn from the class prompts beside real images'.
     config.eval.clip_dir = config.text.clip_dir  # "independent": here the same CLIP again
     report = evaluate.run(config, workdir)
-    assert report["step"] == 6 and report["num_generated"] == config.eval.num_samples
+    assert report["step"] == 4 and report["num_generated"] == config.eval.num_samples
     assert np.isfinite(report["test_loss"])
     for key in ("clip_score", "clip_score_shuffled", "real_clip_score", "real_clip_score_shuffled"):
         assert 0.0 <= report[key] <= 100.0
@@ -59,7 +62,7 @@ def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
     for key in ("clip_score", "clip_score_shuffled", "clip_accuracy", "real_clip_score"):
         assert report["indep_" + key] == pytest.approx(report[key], rel=1e-5)
     assert glob.glob(os.path.join(workdir, "clip_embeddings_test_*.npz"))
-    tagged = glob.glob(os.path.join(workdir, "eval", "step_000006_ddpm100_w2_s0_n8.json"))
+    tagged = glob.glob(os.path.join(workdir, "eval", "step_000004_ddpm100_w2_s0_n8.json"))
     with open(tagged[0]) as f:
         assert json.load(f)["clip_score"] == report["clip_score"]
 

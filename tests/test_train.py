@@ -12,22 +12,21 @@ from diffax_lab import checkpointing, config_lib
 from diffax_lab.modes import sample, train
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
-from tests.helpers import FASHION_DIR, load_config, run_cli, tiny_config, write_fake_idx
+from tests.helpers import FASHION_DIR, load_config, run_cli, tiny_config
 
 pytestmark = pytest.mark.slow  # trains diffusion models: `make test-fast` skips it
 
 
 @pytest.fixture(scope="module")
-def fake_data(tmp_path_factory):
-    return write_fake_idx(tmp_path_factory.mktemp("idx"), n_train=64, n_test=32)
+def fake_data(tiny_data):
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(fake_data, tmp_path_factory):
-    """Four steps straight through: the reference for every resume test."""
-    workdir = tmp_path_factory.mktemp("straight")
-    state = train.run(tiny_config(fake_data), str(workdir))
-    return jax.device_get(state), workdir
+def uninterrupted(tiny_run):
+    """Four steps straight through (shared with other files): the reference for every
+    resume test."""
+    return tiny_run
 
 
 def assert_states_equal(a, b):
@@ -135,18 +134,18 @@ def test_cli_on_real_fashion_mnist(tmp_path):
 
 
 def test_class_conditional_cfg_sampling(fake_data, tmp_path):
+    """--mode=sample of a class-conditional CFG model (configs/cfg.py): the grid named by w
+    and the guidance sweep (rows w, columns labels). Sampling asks nothing of training, so
+    the run is an initial state saved as step 4."""
     workdir = str(tmp_path / "cfg")
     config = load_config("cfg.py", "tiny")
     config = config_lib.apply_overrides(
-        config,
-        {
-            "data.dir": str(fake_data),
-            "data.num_examples": 0,
-            "train.sample_every": 0,
-            "sample.num_steps": 10,
-        },
+        config, {"data.dir": str(fake_data), "data.num_examples": 0, "sample.num_steps": 10}
     )
-    train.run(config, workdir)
+    task = registry.build(config, make_mesh(1))
+    ckpt = checkpointing.Checkpointer(workdir)
+    ckpt.save(4, task.create_state())
+    ckpt.close()
     config.sample.guidance_scale = 2.0
     sample.run(config, workdir)
     with Image.open(os.path.join(workdir, "samples", "guidance_sweep.png")) as img:
