@@ -66,9 +66,14 @@ def make_writable(path: str) -> None:
         ) from e
 
 
-def has_checkpoints(workdir: str) -> bool:
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps saved in DIR/checkpoints (orbax renames a step into place only when whole)."""
     d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def has_checkpoints(workdir: str) -> bool:
+    return bool(checkpoint_steps(workdir))
 
 
 def _lookup(d, dotted):

@@ -175,7 +175,7 @@ def run(config, workdir: str):
         return _train(config, workdir, mesh, task)
     except Exception as e:
         if disk_full(e):
-            steps = checkpointing.Checkpointer(workdir).all_steps() if lock else []
+            steps = workdir_lib.checkpoint_steps(workdir)  # no orbax: the disk is full
             raise WorkdirError(
                 f"No space left on the device holding {workdir} (a checkpoint of this run "
                 f"needs about {state_megabytes(task.abstract_state):.0f} MB). The earlier "
