@@ -9,6 +9,7 @@ register a task of its own without touching any file of the lab.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from diffax_lab import checkpointing
 from diffax_lab.config_lib import did_you_mean, load_run_config
@@ -16,7 +17,14 @@ from diffax_lab.errors import ConfigError
 from diffax_lab.tasks.base import Task
 
 TASKS: dict[str, type[Task]] = {}
-BUILTIN = ("diffusion", "text2img", "classifier", "clip", "autoencoder", "latent_diffusion")
+# Modules of this package that hold no task: what every task shares.
+SHARED = ("base", "registry", "denoising")
+
+
+def builtin_names() -> list[str]:
+    """The task modules of this package: ``diffax_lab/tasks/<name>.py`` is task ``name``."""
+    path = [__file__.rsplit("/", 1)[0]]
+    return [m.name for m in pkgutil.iter_modules(path) if m.name not in SHARED]
 
 
 def register(cls: type[Task]) -> type[Task]:
@@ -28,10 +36,10 @@ def register(cls: type[Task]) -> type[Task]:
 
 
 def get(name: str) -> type[Task]:
-    if name not in TASKS and name in BUILTIN:
+    if name not in TASKS and name in builtin_names():
         importlib.import_module(f"diffax_lab.tasks.{name}")  # registers itself
     if name not in TASKS:
-        known = sorted(set(TASKS) | set(BUILTIN))
+        known = sorted(set(TASKS) | set(builtin_names()))
         raise ConfigError(
             f"config.task={name!r} must be one of {known}.{did_you_mean(name, known)}"
         )
