@@ -87,6 +87,14 @@ def discrete_betas(name: str, num_timesteps: int) -> np.ndarray:
         # Ho et al. (2020): the endpoints are given for T = 1000; scaled by 1000 / T so that
         # other T (the course's T = 100, say) keep the same total amount of noise.
         scale = 1000.0 / num_timesteps
+        if scale * LINEAR_BETA_END > MAX_BETA:
+            # Below T = 21 the last beta would reach 1 or more: alpha_t <= 0, no schedule.
+            raise ValueError(
+                f"diffusion.num_timesteps={num_timesteps} is too few for the linear schedule "
+                f"(its last beta would be {scale * LINEAR_BETA_END:.3g} >= 1); use at least "
+                f"{int(np.floor(1000.0 * LINEAR_BETA_END / MAX_BETA)) + 1} steps or "
+                "diffusion.schedule='cosine'."
+            )
         return np.linspace(
             scale * LINEAR_BETA_START, scale * LINEAR_BETA_END, num_timesteps, dtype=np.float64
         )

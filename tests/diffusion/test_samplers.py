@@ -135,7 +135,7 @@ def test_ddpm_error_shrinks_with_steps():
 
 
 def test_unknown_sampler_named():
-    s = schedules.get_schedule("linear", 10)
+    s = schedules.get_schedule("linear", 100)
     with pytest.raises(ValueError, match="sample.sampler"):
         samplers.sample(lambda x, t: x, s, (1, 1), jax.random.PRNGKey(0), sampler="magic")
 

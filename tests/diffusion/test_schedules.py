@@ -99,5 +99,9 @@ def test_bad_schedule_arguments_name_the_field():
         schedules.get_schedule("quartic", 10)
     with pytest.raises(ValueError, match="diffusion.num_timesteps"):
         schedules.get_schedule("linear", 0)
+    # T = 20 would end at beta = 1 (alpha_bar = 0): refused, with the smallest T that works.
+    with pytest.raises(ValueError, match=r"diffusion.num_timesteps=20 .* at least 21 steps"):
+        schedules.get_schedule("linear", 20)
+    assert float(schedules.get_schedule("linear", 21).alphas_cumprod[-1]) > 0.0
     with pytest.raises(ValueError, match="sample.num_steps"):
         schedules.spaced_indices(10, 11)
