@@ -78,12 +78,23 @@ def unet_kwargs(model_config, image_size: int, channels: int) -> dict:
     )
 
 
-def run_mode(mode, torch, UNet2DModel, dev, kwargs, config) -> dict:
-    """Times one mode; returns its JSON record."""
+def run_mode(
+    mode,
+    torch,
+    UNet2DModel,
+    dev,
+    kwargs,
+    config,
+    *,
+    train_batch: int,
+    forward_batch: int,
+    iters: int,
+) -> dict:
+    """Times one mode; returns its JSON record (train_batch 0 = config.train.batch_size)."""
     size, ch = config.data.image_size, config.data.channels
     T = config.diffusion.num_timesteps
-    B = FLAGS.train_batch or config.train.batch_size
-    FB = FLAGS.forward_batch
+    B = train_batch or config.train.batch_size
+    FB = forward_batch
     num_classes = config.model.num_classes
 
     def sync():
@@ -132,13 +143,14 @@ def run_mode(mode, torch, UNet2DModel, dev, kwargs, config) -> dict:
         sync()
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(FLAGS.iters):
+        for _ in range(iters):
             fn()
         sync()
-        return (time.perf_counter() - t0) / FLAGS.iters, first
+        return (time.perf_counter() - t0) / iters, first
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    model.train()
     train_s, train_first = timed(train_step)
     model.eval()
     fwd_s, fwd_first = timed(forward)
@@ -165,6 +177,14 @@ def run_mode(mode, torch, UNet2DModel, dev, kwargs, config) -> dict:
     return result
 
 
+def setup_torch(torch):
+    """The device, with PyTorch's usual fast settings (TF32, cuDNN autotuning) on GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def main(argv):
     del argv
     import torch
@@ -176,13 +196,20 @@ def main(argv):
         raise app.UsageError(f"--modes {sorted(bad)} unknown; choose from {MODES}.")
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    dev = setup_torch(torch)
     kwargs = unet_kwargs(config.model, config.data.image_size, config.data.channels)
     for mode in FLAGS.modes:
-        result = run_mode(mode, torch, UNet2DModel, dev, kwargs, config)
+        result = run_mode(
+            mode,
+            torch,
+            UNet2DModel,
+            dev,
+            kwargs,
+            config,
+            train_batch=FLAGS.train_batch,
+            forward_batch=FLAGS.forward_batch,
+            iters=FLAGS.iters,
+        )
         line = json.dumps(result)
         print(line, flush=True)
         if FLAGS.out:

@@ -56,13 +56,15 @@ def peak_memory_gib():
     return None if peak is None else peak / 2**30
 
 
-def main(argv):
-    del argv
-    config = FLAGS.config
+def measure(
+    config, *, forward_batch: int, iters: int, sample_steps: int = 50, peak_tflops: float = 0.0
+) -> dict:
+    """Compile times, train / forward / sampling-loop throughput and FLOPs of ``config``
+    (the JSON record documented at the top); ``sample_steps=0`` leaves the loop out."""
     registry.check_config(config)
     mesh = sharding.make_mesh(config.train.num_devices or None)
     exp = registry.build(config, mesh)
-    B, Bf = config.train.batch_size, FLAGS.forward_batch
+    B, Bf = config.train.batch_size, forward_batch
     shape = exp.image_shape
     result = {
         "config": config.to_dict(),
@@ -98,7 +100,7 @@ def main(argv):
     result["gflop_per_image_train"] = train_flops / 1e9
 
     def run_train(state):
-        for _ in range(FLAGS.iters):
+        for _ in range(iters):
             state, metrics = step(state, images, labels)
         return state, metrics
 
@@ -107,7 +109,8 @@ def main(argv):
     t0 = time.perf_counter()
     state, m = run_train(state)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / FLAGS.iters
+    dt = (time.perf_counter() - t0) / iters
+    result["train_batch"] = B
     result["train_images_per_s"] = B / dt
     result["train_tflops"] = B * train_flops / dt / 1e12
 
@@ -118,36 +121,50 @@ def main(argv):
     t0 = time.perf_counter()
     fwd = fwd.lower(params, xf, tf).compile()
     result["forward_compile_s"] = time.perf_counter() - t0
-    dt = timed(fwd, params, xf, tf, iters=FLAGS.iters)
+    dt = timed(fwd, params, xf, tf, iters=iters)
     result["forward_batch"] = Bf
     result["forward_images_per_s"] = Bf / dt
     result["forward_tflops"] = Bf * fwd_flops / dt / 1e12
 
-    S = FLAGS.sample_steps
-    loop = jax.jit(
-        lambda p, k: (
-            samplers.sample(
-                exp.model_fn(p, yf),
-                exp.schedule,
-                (Bf, *shape),
-                k,
-                sampler="ddim",
-                num_steps=S,
-                prediction=config.diffusion.prediction,
-            ).samples
+    S = sample_steps
+    if S:
+        loop = jax.jit(
+            lambda p, k: (
+                samplers.sample(
+                    exp.model_fn(p, yf),
+                    exp.schedule,
+                    (Bf, *shape),
+                    k,
+                    sampler="ddim",
+                    num_steps=S,
+                    prediction=config.diffusion.prediction,
+                ).samples
+            )
         )
-    )
-    key = jax.random.PRNGKey(0)
-    t0 = time.perf_counter()
-    loop = loop.lower(params, key).compile()
-    result["sampler_compile_s"] = time.perf_counter() - t0
-    dt = timed(loop, params, key, iters=max(1, FLAGS.iters // 5))
-    result["sampler_steps"] = S
-    result["sampler_images_steps_per_s"] = Bf * S / dt  # comparable to forward_images_per_s
-    if FLAGS.peak_tflops:
-        result["train_mfu"] = result["train_tflops"] / FLAGS.peak_tflops
-        result["forward_mfu"] = result["forward_tflops"] / FLAGS.peak_tflops
+        key = jax.random.PRNGKey(0)
+        t0 = time.perf_counter()
+        loop = loop.lower(params, key).compile()
+        result["sampler_compile_s"] = time.perf_counter() - t0
+        dt = timed(loop, params, key, iters=max(1, iters // 5))
+        result["sampler_steps"] = S
+        result["sampler_images_steps_per_s"] = Bf * S / dt  # comparable to forward images/s
+    if peak_tflops:
+        result["peak_tflops"] = peak_tflops
+        result["train_mfu"] = result["train_tflops"] / peak_tflops
+        result["forward_mfu"] = result["forward_tflops"] / peak_tflops
     result["peak_memory_gib"] = peak_memory_gib()
+    return result
+
+
+def main(argv):
+    del argv
+    result = measure(
+        FLAGS.config,
+        forward_batch=FLAGS.forward_batch,
+        iters=FLAGS.iters,
+        sample_steps=FLAGS.sample_steps,
+        peak_tflops=FLAGS.peak_tflops,
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if FLAGS.out:

@@ -15,10 +15,9 @@ import logging as std_logging
 import os
 import sys
 
-import jax
 from absl import app, flags, logging
 
-from diffax_lab import config_lib, distributed
+from diffax_lab import compilation, config_lib, distributed
 from diffax_lab.errors import ConfigError, DataError, WorkdirError
 from diffax_lab.modes import evaluate, sample, train
 
@@ -29,7 +28,13 @@ flags.DEFINE_string("config", None, "Config file, with :variant (configs/ddpm.py
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and metrics.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
 flags.DEFINE_string(
-    "jax_cache_dir", "", "Persistent compilation cache directory ('' = $DIFFAX_JAX_CACHE or off)."
+    "jax_cache_dir",
+    "",
+    "Persistent compilation cache directory ('' = $DIFFAX_JAX_CACHE, else "
+    "$XDG_CACHE_HOME/diffax_lab/jax; 'off' = none). See diffax_lab/compilation.py.",
+)
+flags.DEFINE_bool(
+    "compilation_cache", True, "Persistent compilation cache (--nocompilation_cache: off)."
 )
 flags.DEFINE_enum(
     "distributed",
@@ -85,9 +90,7 @@ def resolve_config(config_spec, workdir, mode, overrides):
 def main(argv, overrides):
     del argv
     logging.get_absl_logger().addFilter(_QuietLibraries())  # orbax logs through absl too
-    cache = FLAGS.jax_cache_dir or os.environ.get("DIFFAX_JAX_CACHE", "")
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
+    compilation.enable_persistent_cache(FLAGS.jax_cache_dir, enabled=FLAGS.compilation_cache)
     try:
         if not FLAGS.workdir:
             raise ConfigError("--workdir is required: the run's directory.")
