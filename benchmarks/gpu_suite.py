@@ -197,6 +197,12 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--peer_modes", default="fp32,bf16", help="fp32,bf16[,bf16_compile]")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="0 = from the device kind.")
+    ap.add_argument(
+        "--budget_s",
+        type=float,
+        default=450.0,
+        help="Whole-suite time limit: each part gets what is left, less 60 s a later part.",
+    )
     ap.add_argument("--record", default="", help="(internal) where a part writes its records.")
     args = ap.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -208,10 +214,16 @@ def main():
         return
 
     t0 = time.perf_counter()
+    budget = args.budget_s if not args.quick else float("inf")
+
+    def limit(parts_after):  # the part's own limit, within what the budget leaves
+        left = budget - (time.perf_counter() - t0) - 60.0 * parts_after
+        return max(30.0, min(sizes["timeout"], left))
+
     records = []
-    for dtype in ("float32", "bfloat16"):
-        records += run_part(f"ours_{dtype}", ["--dtype", dtype], args, sizes["timeout"])
-    records += run_part("peer", ["--peer_modes", args.peer_modes], args, sizes["timeout"])
+    for i, dtype in enumerate(("float32", "bfloat16")):
+        records += run_part(f"ours_{dtype}", ["--dtype", dtype], args, limit(2 - i))
+    records += run_part("peer", ["--peer_modes", args.peer_modes], args, limit(0))
     first = next((r for r in records if "device" in r), {})
     meta = {
         "config": sizes["config"],

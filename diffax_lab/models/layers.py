@@ -67,6 +67,83 @@ def space_to_depth(x, factor: int = 2):
     return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // factor, w // factor, c * factor * factor)
 
 
+# Convolution implementation per backend, read at trace time by ``Conv(impl="auto")``.
+# im2col + dot measured 1.2-8x SLOWER than XLA's convolution on XLA:CPU (jaxlib 0.10, the
+# tiny/cpu configs' shapes, fwd and fwd+bwd; docs/BENCHMARKS.md "Speed and scale"), so every
+# backend keeps XLA's convolution until a measurement says otherwise.
+CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+
+
+def _im2col_conv(x, kernel, strides, pads):
+    """NHWC x HWIO convolution as one matmul over the kh*kw shifted (strided) views."""
+    kh, kw, cin, cout = kernel.shape
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    sh, sw = strides
+    h = (x.shape[1] - kh) // sh + 1
+    w = (x.shape[2] - kw) // sw + 1
+    cols = [
+        x[:, i : i + sh * (h - 1) + 1 : sh, j : j + sw * (w - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return patches @ kernel.reshape(kh * kw * cin, cout)
+
+
+class Conv(nn.Conv):
+    """``nn.Conv`` with a backend-selected implementation and nn.Conv's parameter tree.
+
+    ``impl``: "xla" (lax.conv_general_dilated, nn.Conv itself), "im2col" (patches @ kernel,
+    2-D, ungrouped, undilated convolutions only; the rest fall back to "xla"), or "auto"
+    (``CONV_IMPL_BY_BACKEND[jax.default_backend()]`` at trace time). The parameters
+    (``kernel`` [kh, kw, in, out], ``bias`` [out]) and their initial values are nn.Conv's,
+    so checkpoints and the diffusers weight mapping do not see the difference.
+    """
+
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, inputs):
+        impl = self.impl
+        if impl == "auto":
+            impl = CONV_IMPL_BY_BACKEND.get(jax.default_backend(), "xla")
+        if impl not in ("xla", "im2col"):
+            raise ValueError(f"Conv impl must be 'auto', 'xla' or 'im2col', got {self.impl!r}.")
+        ks = tuple(self.kernel_size)
+        simple = (
+            len(ks) == 2
+            and inputs.ndim == 4
+            and self.feature_group_count == 1
+            and self.mask is None
+            and all(d in (None, 1) for d in _pair(self.input_dilation))
+            and all(d in (None, 1) for d in _pair(self.kernel_dilation))
+            and not (isinstance(self.padding, str) and self.padding not in ("SAME", "VALID"))
+        )
+        if impl == "xla" or not simple:
+            return super().__call__(inputs)
+        cin = inputs.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (*ks, cin, self.features), self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        strides = _pair(self.strides) if self.strides is not None else (1, 1)
+        if isinstance(self.padding, str):
+            pads = jax.lax.padtype_to_pads(inputs.shape[1:3], ks, strides, self.padding)
+        else:
+            pads = nn.linear.canonicalize_padding(self.padding, 2)
+        y = _im2col_conv(inputs, kernel, strides, tuple(tuple(p) for p in pads))
+        return y if bias is None else y + bias
+
+
+def _pair(v):
+    if v is None:
+        return (1, 1)
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm whose statistics are taken in float32, then cast to the compute dtype.
 
