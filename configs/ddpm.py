@@ -85,6 +85,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.train.batch_size = 128  # global batch, over all devices
     config.train.num_steps = 20_000  # total; re-running resumes and continues to this
     config.train.num_devices = 0  # 0 = all visible devices
+    # Micro-batches per step: the batch_size images pass in grad_accum slices of
+    # batch_size / grad_accum (a lax.scan summing gradients); same update, less memory.
+    config.train.grad_accum = 1
+    # Devices each parameter / optimizer leaf is split over (FSDP); the mesh is
+    # (num_devices / fsdp, fsdp), the batch split over all. 1 = replicated (data parallel).
+    config.train.fsdp = 1
     config.train.p_uncond = 0.0  # probability of dropping the label (classifier-free guidance)
     config.train.log_every = 100  # steps between metrics.jsonl lines
     config.train.checkpoint_every = 2000

@@ -96,6 +96,10 @@ def check_common(config) -> None:
     check_number(config, "train.batch_size", low=1, integer=True)
     check_number(config, "train.num_steps", low=0, integer=True)
     check_number(config, "train.num_devices", low=0, integer=True)
+    if "grad_accum" in config.train:
+        check_number(config, "train.grad_accum", low=1, integer=True)
+    if "fsdp" in config.train:
+        check_number(config, "train.fsdp", low=1, integer=True)
     for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
         check_number(config, "train." + f, low=1, integer=True)
     check_number(config, "train.sample_every", low=0, integer=True)
@@ -132,7 +136,8 @@ class Task:
         self.build()
         self.tx, self.lr_fn = make_optimizer(c.optim, c.train.num_steps)
         self.abstract_state = jax.eval_shape(self.init_state)
-        self.state_shardings = jax.tree.map(lambda _: self.repl, self.abstract_state)
+        # Replicated, or split over the fsdp axis (train.fsdp > 1): sharding.py decides.
+        self.state_shardings = sharding.state_shardings(self.abstract_state, mesh)
 
     # ----- hooks a task implements -----
     @classmethod
@@ -270,11 +275,20 @@ class Task:
         With ``gather_in_step`` the images are the whole uint8 dataset on the device and the
         step picks its batch; otherwise they are the batch itself (gathered on the host
         with the same ``batch_indices``).
+
+        With ``train.grad_accum = A > 1`` the batch of B is split into A micro-batches of
+        B / A (example j goes to micro-batch j % A: each device keeps its own rows, no data
+        moves) and a ``lax.scan`` sums their gradients inside the step: one micro-batch is
+        live at a time, and the program (and its compile memory) does not grow with A.
+        The update, the non-finite guard and the EMA then see the mean gradient, as with
+        one batch of B. Micro-batch m draws its noise from ``fold_in(key, m)``.
         """
         c = self.config
         B = c.train.batch_size
+        accum = c.train.get("grad_accum", 1)
         decay = c.optim.ema_decay
         faults = tuple(c.train.get("fault_nan_steps", ()))
+        micro_sharding = sharding.microbatch_sharded(self.mesh)
 
         def train_step(state, images, labels):
             step = state["step"]
@@ -287,13 +301,19 @@ class Task:
             x0, labels = self.model_input(images, labels, flip_key)
             x0 = jax.lax.with_sharding_constraint(x0, self.batch_sharding)
 
-            def loss_of(params):
-                loss, aux = self.train_loss(params, x0, labels, loss_keys)
+            def loss_of(params, x0, labels, keys):
+                loss, aux = self.train_loss(params, x0, labels, keys)
                 if faults:  # fault injection (train.fault_nan_steps): NaN loss and grads
                     loss = loss * jnp.where(jnp.isin(step, jnp.asarray(faults)), jnp.nan, 1.0)
                 return loss, aux
 
-            (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+            grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+            if accum == 1:
+                (loss, aux), grads = grad_fn(state["params"], x0, labels, loss_keys)
+            else:
+                (loss, aux), grads = accumulate(
+                    grad_fn, state["params"], x0, labels, loss_keys, accum, micro_sharding
+                )
             grad_norm = optax.tree_utils.tree_norm(grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
@@ -330,6 +350,40 @@ class Task:
             out_shardings=(self.state_shardings, self.repl),
             donate_argnums=(0,),
         )
+
+
+def split_microbatches(x, num: int):
+    """[B, ...] -> [num, B / num, ...]; micro-batch m holds examples m, m + num, ..."""
+    if x is None:
+        return None
+    b = x.shape[0] // num
+    return jnp.swapaxes(x.reshape(b, num, *x.shape[1:]), 0, 1)
+
+
+def accumulate(grad_fn, params, x0, labels, keys, num: int, micro_sharding):
+    """((mean loss, mean aux), mean gradient) of ``grad_fn`` over ``num`` micro-batches,
+    summed in a ``lax.scan`` (one micro-batch live at a time). Aux entries are averaged
+    ignoring NaN (a statistic empty in one micro-batch), as the loop averages steps."""
+
+    def split(t):  # [B, ...] -> [num, B / num, ...], each micro-batch over all devices
+        return jax.tree.map(
+            lambda a: jax.lax.with_sharding_constraint(split_microbatches(a, num), micro_sharding),
+            t,
+        )
+
+    xs = (split(x0), split(labels), jnp.arange(num))
+
+    def body(grad_sum, inputs):
+        x, y, m = inputs
+        micro_keys = [jax.random.fold_in(k, m) for k in keys]
+        (loss, aux), grads = grad_fn(params, x, y, micro_keys)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (losses, auxes) = jax.lax.scan(body, zeros, xs)
+    grads = jax.tree.map(lambda g: g / num, grad_sum)
+    aux = jax.tree.map(lambda a: jnp.nanmean(a, axis=0), auxes)
+    return (jnp.mean(losses), aux), grads
 
 
 def predict_in_batches(fn, images_u8: np.ndarray, batch_size: int) -> np.ndarray:
