@@ -21,7 +21,7 @@ FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
 # Leaves with fewer elements stay replicated under FSDP (biases, norms, embeddings of
 # a few classes): splitting them saves nothing and costs a collective each.
-MIN_SHARDED_SIZE = 2**12
+MIN_SHARDED_SIZE = 2**10
 
 
 def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> jax.sharding.Mesh:

@@ -149,6 +149,25 @@ def state_megabytes(abstract_state) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) / 2**20
 
 
+def compiled_memory(compiled) -> dict[str, float]:
+    """Per-device MiB of a compiled program (XLA's buffer assignment): its arguments (the
+    state and batch), temporaries (activations, gradients, gathered weights) and peak."""
+    stats = compiled.memory_analysis()
+    if stats is None:  # a backend without the analysis
+        return {}
+    mib = {
+        "arguments": stats.argument_size_in_bytes,
+        "temporaries": stats.temp_size_in_bytes,
+        "outputs": stats.output_size_in_bytes - stats.alias_size_in_bytes,
+        "peak": getattr(stats, "peak_memory_in_bytes", 0),
+    }
+    return {k: v / 2**20 for k, v in mib.items()}
+
+
+def memory_line(compiled) -> str:
+    return ", ".join(f"{k} {v:.2f} MiB" for k, v in compiled_memory(compiled).items()) or "n/a"
+
+
 def restore_or_init(task, ckpt, config):
     """(state, resumed step or None), honouring train.restart_if_corrupt."""
     try:
@@ -245,7 +264,9 @@ def _train(config, workdir, mesh, task):
         logging.info("Compiling the train step (batch %d)...", config.train.batch_size)
         t0 = time.perf_counter()
         train_step = train_step.lower(state, *batch_for(start)).compile()
-        logging.info("Compiled in %.1f s.", time.perf_counter() - t0)
+        logging.info(
+            "Compiled in %.1f s; per device %s.", time.perf_counter() - t0, memory_line(train_step)
+        )
 
         writer = MetricsWriter(workdir, start, config.train.tensorboard)
         sample_key = jax.random.PRNGKey(config.sample.seed)
