@@ -34,6 +34,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.data.random_flip = False  # left-right flips (garments are not symmetric: off)
     config.data.num_examples = 0  # use the first N training images (0 = all)
     config.data.placement = "device"  # device: dataset on device once; host: gather per step
+    # Host-sharded input: 0 = every process reads the whole train split (one global order);
+    # k > 0 = k contiguous shards, each process reads only its own (k a multiple of the
+    # process count), a step takes batch_size / k from each. The order depends on k, not on
+    # the process count: keep k when resuming on another number of hosts.
+    config.data.num_shards = 0
     # folder source without a test/ sub-folder: this fraction of the images (chosen by a
     # hash of their paths) is the held-out test split; 0 = no test split.
     config.data.test_fraction = 0.0

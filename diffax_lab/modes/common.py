@@ -62,6 +62,18 @@ def prepare(config, workdir: str, mode: str):
                 f"{jax.process_count()} processes x config.train.grad_accum={accum} (each "
                 "process feeds batch_size / processes images, micro-batch by micro-batch)."
             )
+        shards = config.data.get("num_shards", 0)
+        if shards % jax.process_count():
+            raise ConfigError(
+                f"config.data.num_shards={shards} must be a multiple of the "
+                f"{jax.process_count()} processes (each reads whole shards); use "
+                f"{jax.process_count()} or a multiple, or 0 for every process to read all."
+            )
+        if shards and jax.process_count() > 1 and config.data.placement == "device":
+            raise ConfigError(
+                "config.data.num_shards with several processes needs "
+                "config.data.placement='host' (no device holds the whole dataset)."
+            )
         workdir_lib.check_resume_compatible(workdir, config)
         keep_decay_horizon(config, workdir)
     task = registry.build(config, mesh)

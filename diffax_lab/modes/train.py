@@ -34,7 +34,7 @@ from diffax_lab import checkpointing, evaluators
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.data import pipeline
 from diffax_lab.distributed import is_main_process
-from diffax_lab.errors import WorkdirError
+from diffax_lab.errors import DataError, WorkdirError
 from diffax_lab.modes.common import build_evaluators, prepare
 from diffax_lab.tasks.base import tree_all_finite
 
@@ -246,17 +246,34 @@ def _train(config, workdir, mesh, task):
         if gather_in_step:
             data_args = (jax.device_put(imgs, task.repl), jax.device_put(labels, task.repl))
         else:
-            host_indices = jax.jit(pipeline.batch_indices, static_argnums=(2, 3))
+            host_indices = jax.jit(pipeline.sharded_batch_indices, static_argnums=(2, 3))
+            shard_sizes = task.shard_sizes or (n,)
         train_step = task.make_train_step(n, gather_in_step)
 
         def batch_for(step):
             if gather_in_step:
                 return data_args
-            # Each process gathers only the rows its own devices hold (its slice of the batch).
-            idx = np.asarray(host_indices(task.data_key, step, n, config.train.batch_size))
+            # Each process gathers only the rows its own devices hold (its slice of the
+            # batch), from the examples it holds (all, or its shards: data.num_shards).
+            idx = np.asarray(
+                host_indices(task.data_key, step, shard_sizes, config.train.batch_size)
+            )
+            local = idx - task.local_offset
+
+            def rows(i):
+                r = local[i[0]]
+                if r.size and (r.min() < 0 or r.max() >= n):
+                    raise DataError(
+                        f"Process {jax.process_index()} holds train examples "
+                        f"[{task.local_offset}, {task.local_offset + n}) but its devices hold "
+                        f"batch rows {i[0]} of other shards: the device mesh does not keep "
+                        "each process's devices together; set data.num_shards=0."
+                    )
+                return r
+
             return tuple(
                 jax.make_array_from_callback(
-                    (len(idx), *a.shape[1:]), task.batch_sharding, lambda i, a=a: a[idx[i[0]]]
+                    (len(idx), *a.shape[1:]), task.batch_sharding, lambda i, a=a: a[rows(i)]
                 )
                 for a in (imgs, labels)
             )

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from diffax_lab import checkpointing, sharding
 from diffax_lab.config_lib import check_choice, check_number
-from diffax_lab.data import SOURCES, load_split, pipeline
+from diffax_lab.data import SOURCES, load_split, pipeline, split_size
 from diffax_lab.errors import ConfigError
 
 
@@ -77,6 +78,15 @@ def check_common(config) -> None:
     check_choice(config, "data.channels", (1, 3))
     check_number(config, "data.num_examples", low=0, integer=True)
     check_choice(config, "data.placement", ("device", "host"))
+    if "num_shards" in config.data:
+        check_number(config, "data.num_shards", low=0, integer=True)
+        k = config.data.num_shards
+        if k and config.train.batch_size % k:
+            raise ConfigError(
+                f"config.train.batch_size={config.train.batch_size} must be divisible by "
+                f"config.data.num_shards={k} (each step takes batch_size / num_shards "
+                "examples from every shard); change one of them."
+            )
     if "test_fraction" in config.data:
         check_number(config, "data.test_fraction", low=0.0, high=1.0, high_open=True)
 
@@ -131,6 +141,10 @@ class Task:
         self.mesh = mesh
         c = config
         self.image_shape = (c.data.image_size, c.data.image_size, c.data.channels)
+        # Host-sharded input (data.num_shards): the sizes of all shards and where this
+        # process's examples start, set by load_train_split; None: one global order.
+        self.shard_sizes: tuple[int, ...] | None = None
+        self.local_offset = 0
         self.repl = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharded(mesh)
         self.build()
@@ -215,12 +229,19 @@ class Task:
 
     # ----- data -----
     def load_train_split(self):
-        """The train split, checked against the batch size (before compiling)."""
+        """The train split (with data.num_shards: only this process's shards), checked
+        against the batch size (before compiling)."""
         c = self.config
-        imgs, labels = load_split(c.data, "train")
-        if c.train.batch_size > imgs.shape[0]:
+        k = c.data.get("num_shards", 0)
+        if k:
+            imgs, labels = self._load_own_shards(k)
+        else:
+            imgs, labels = load_split(c.data, "train")
+            self.shard_sizes, self.local_offset = (imgs.shape[0],), 0
+        if c.train.batch_size > sum(self.shard_sizes):
             raise ConfigError(
-                f"config.train.batch_size={c.train.batch_size} exceeds the {imgs.shape[0]} "
+                f"config.train.batch_size={c.train.batch_size} exceeds the "
+                f"{sum(self.shard_sizes)} "
                 "training images; lower it or use more data (data.num_examples)."
             )
         k = c.model.get("num_classes", 0)
@@ -230,6 +251,38 @@ class Task:
                 f"set it to at least {int(labels.max()) + 1}."
             )
         return imgs, labels
+
+    def _load_own_shards(self, num_shards: int):
+        """Reads the contiguous shards this process's devices feed: process p of P holds
+        shards [p k / P, (p + 1) k / P) of ``pipeline.shard_ranges``."""
+        c = self.config
+        n = split_size(c.data, "train")
+        ranges = pipeline.shard_ranges(n, num_shards)
+        per_shard = c.train.batch_size // num_shards
+        if per_shard > min(b - a for a, b in ranges):
+            raise ConfigError(
+                f"config.data.num_shards={num_shards} cuts the {n} training images into "
+                f"shards of {min(b - a for a, b in ranges)}, fewer than the "
+                f"batch_size / num_shards = {per_shard} a step takes from each; use fewer "
+                "shards or a smaller batch."
+            )
+        procs, p = jax.process_count(), jax.process_index()
+        own = ranges[p * num_shards // procs : (p + 1) * num_shards // procs]
+        start, stop = own[0][0], own[-1][1]
+        logging.info(
+            "Process %d of %d reads train examples [%d, %d) of %d (shards %d-%d of %d).",
+            p,
+            procs,
+            start,
+            stop,
+            n,
+            p * num_shards // procs,
+            (p + 1) * num_shards // procs - 1,
+            num_shards,
+        )
+        self.shard_sizes = tuple(b - a for a, b in ranges)
+        self.local_offset = start
+        return load_split(c.data, "train", (start, stop))
 
     def test_batches(self):
         """The test split, cut to eval.num_examples in whole batches of eval.batch_size."""
@@ -295,8 +348,9 @@ class Task:
             key = jax.random.fold_in(state["rng"], step)
             # Batches are ordered by self.data_key (seed only); this key drives the noise.
             flip_key, *loss_keys = jax.random.split(key, 4)
-            if gather_in_step:
-                idx = pipeline.batch_indices(self.data_key, step, num_examples, B)
+            if gather_in_step:  # the device holds every shard (one process)
+                sizes = self.shard_sizes or (num_examples,)
+                idx = pipeline.sharded_batch_indices(self.data_key, step, sizes, B)
                 images, labels = images[idx], labels[idx]
             x0, labels = self.model_input(images, labels, flip_key)
             x0 = jax.lax.with_sharding_constraint(x0, self.batch_sharding)
