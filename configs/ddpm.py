@@ -34,6 +34,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.data.random_flip = False  # left-right flips (garments are not symmetric: off)
     config.data.num_examples = 0  # use the first N training images (0 = all)
     config.data.placement = "device"  # device: dataset on device once; host: gather per step
+    # Host-sharded input: 0 = every process reads the whole train split (one global order);
+    # k > 0 = k contiguous shards, each process reads only its own (k a multiple of the
+    # process count), a step takes batch_size / k from each. The order depends on k, not on
+    # the process count: keep k when resuming on another number of hosts.
+    config.data.num_shards = 0
     # folder source without a test/ sub-folder: this fraction of the images (chosen by a
     # hash of their paths) is the held-out test split; 0 = no test split.
     config.data.test_fraction = 0.0
@@ -85,6 +90,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.train.batch_size = 128  # global batch, over all devices
     config.train.num_steps = 20_000  # total; re-running resumes and continues to this
     config.train.num_devices = 0  # 0 = all visible devices
+    # Micro-batches per step: the batch_size images pass in grad_accum slices of
+    # batch_size / grad_accum (a lax.scan summing gradients); same update, less memory.
+    config.train.grad_accum = 1
+    # Devices each parameter / optimizer leaf is split over (FSDP); the mesh is
+    # (num_devices / fsdp, fsdp), the batch split over all. 1 = replicated (data parallel).
+    config.train.fsdp = 1
     config.train.p_uncond = 0.0  # probability of dropping the label (classifier-free guidance)
     config.train.log_every = 100  # steps between metrics.jsonl lines
     config.train.checkpoint_every = 2000

@@ -1,5 +1,7 @@
 """Two processes on loopback (gloo CPU collectives), two CPU devices each, train exactly
-as one process with four devices and the same global batch."""
+as one process with four devices and the same global batch. The input is host-sharded
+(data.num_shards=2): each process reads only its half of the train split, and the batch
+order, a function of (seed, step, num_shards), is the one process's order."""
 
 import json
 import os
@@ -50,6 +52,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
         f"--config.data.dir={data_dir}",
         "--config.data.num_examples=0",
         "--config.data.placement=host",  # each process gathers its own slice of the batch
+        "--config.data.num_shards=2",  # ... from the half of the data it alone reads
         "--config.train.sample_every=0",
         "--config.train.log_every=1",
         *(f"--config.{k}={v!r}" for k, v in SMALL_UNET.items()),
@@ -76,6 +79,9 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     for p, e in zip(procs, errs, strict=True):
         assert p.returncode == 0, e[-3000:]
     assert "process 0 of 2" in errs[0] and "process 1 of 2" in errs[1]
+    # Each process read its own shard: disjoint, and together the whole split of 64.
+    assert "Process 0 of 2 reads train examples [0, 32) of 64 (shards 0-0 of 2)" in errs[0]
+    assert "Process 1 of 2 reads train examples [32, 64) of 64 (shards 1-1 of 2)" in errs[1]
 
     def losses(d):
         with open(tmp_path / d / "metrics.jsonl") as f:

@@ -12,15 +12,22 @@ import os
 import numpy as np
 from PIL import Image
 
-from diffax_lab.data.folder import load_image_folder
-from diffax_lab.data.idx import DataError, load_idx_split
-from diffax_lab.data.tfds_source import load_tfds_split
+from diffax_lab.data.folder import load_image_folder, split_files
+from diffax_lab.data.idx import DataError, idx_split_size, load_idx_split
+from diffax_lab.data.tfds_source import load_tfds_split, tfds_split_size
 
 SOURCES = ("idx", "tfds", "folder")
 DEFAULT_IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
 DATA_DIR_ENV = "DIFFAX_DATA_DIR"
 
-__all__ = ["DataError", "SOURCES", "fit_to_size", "load_split", "resolve_data_dir"]
+__all__ = [
+    "DataError",
+    "SOURCES",
+    "fit_to_size",
+    "load_split",
+    "resolve_data_dir",
+    "split_size",
+]
 
 
 def resolve_data_dir(data_config) -> str:
@@ -61,11 +68,31 @@ def fit_to_size(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def load_split(data_config, split: str):
+def split_size(data_config, split: str) -> int:
+    """Examples ``load_split`` returns for ``split`` (after data.num_examples), found
+    without reading the images: what host-sharded input cuts into shards."""
+    source = data_config.source
+    if source not in SOURCES:
+        raise DataError(f"data.source must be one of {SOURCES}, got {source!r}.")
+    directory = resolve_data_dir(data_config)
+    if source == "idx":
+        n = idx_split_size(directory, split)
+    elif source == "tfds":
+        n = tfds_split_size(data_config.name, split, directory)
+    else:
+        _, files = split_files(directory, split, float(data_config.get("test_fraction", 0.0)))
+        n = len(files[split])
+    return min(n, data_config.num_examples) if data_config.num_examples else n
+
+
+def load_split(data_config, split: str, examples: tuple[int, int] | None = None):
     """Loads ``split`` (train or test) as uint8 [N, S, S, C] and int32 [N].
 
     For ``folder``, the test split is ``data.dir/test/`` or, without one, the
     ``data.test_fraction`` of the images held out from training (``folder.py``).
+    ``examples=(start, stop)`` (within ``split_size``): only those examples, as a host
+    of host-sharded input reads them; tfds and folders read nothing else, IDX files (one
+    compressed stream) are read whole and cut.
     """
     source = data_config.source
     if source not in SOURCES:
@@ -73,8 +100,11 @@ def load_split(data_config, split: str):
     directory = resolve_data_dir(data_config)
     if source == "idx":
         images, labels = load_idx_split(directory, split)
+        if examples is not None:
+            images = images[examples[0] : examples[1]].copy()  # frees the rest
+            labels = labels[examples[0] : examples[1]].copy()
     elif source == "tfds":
-        images, labels = load_tfds_split(data_config.name, split, directory)
+        images, labels = load_tfds_split(data_config.name, split, directory, examples)
     else:
         images, labels = load_image_folder(
             directory,
@@ -82,12 +112,13 @@ def load_split(data_config, split: str):
             data_config.channels,
             split,
             test_fraction=float(data_config.get("test_fraction", 0.0)),
+            examples=examples,
         )
     if images.shape[-1] != data_config.channels:
         raise DataError(
             f"data.channels={data_config.channels} but {source} data {data_config.name!r} "
             f"has {images.shape[-1]} channels."
         )
-    if data_config.num_examples:
+    if data_config.num_examples and examples is None:  # a range lies within it already
         images, labels = images[: data_config.num_examples], labels[: data_config.num_examples]
     return fit_to_size(images, data_config.image_size), labels

@@ -81,14 +81,33 @@ def _read(path: str, image_size: int, mode: str) -> np.ndarray:
 
 
 def load_image_folder(
-    directory: str, image_size: int, channels: int, split: str = "train", test_fraction=0.0
+    directory: str,
+    image_size: int,
+    channels: int,
+    split: str = "train",
+    test_fraction=0.0,
+    examples: tuple[int, int] | None = None,
 ):
     """Images uint8 [N, S, S, C] (centre-cropped, resized) and int32 labels [N] of ``split``.
 
     Labels come from class sub-folders, in sorted order over both splits (so a class has
     the same label in train and test); images with no class folder get label 0. See the
-    module docstring for how the split is chosen.
+    module docstring for how the split is chosen. ``examples=(start, stop)``: only those
+    images of the split (in its sorted order) are read (a host's shard).
     """
+    roots, files = split_files(directory, split, test_fraction)
+    classes = sorted({_class_of(f) for s in SPLITS for f in files[s]} - {""})
+    class_id = {c: i for i, c in enumerate(classes)}
+    mode = {1: "L", 3: "RGB"}[channels]
+    chosen = files[split] if examples is None else files[split][examples[0] : examples[1]]
+    images = [_read(os.path.join(roots[split], f), image_size, mode) for f in chosen]
+    labels = [class_id.get(_class_of(f), 0) for f in chosen]
+    images = np.stack(images).reshape(len(images), image_size, image_size, channels)
+    return images, np.asarray(labels, np.int32)
+
+
+def split_files(directory: str, split: str, test_fraction=0.0):
+    """(root folder per split, relative image paths per split), checked."""
     if split not in SPLITS:
         raise DataError(f"An image folder has splits {SPLITS}, not {split!r}.")
     if not 0.0 <= test_fraction < 1.0:
@@ -133,10 +152,4 @@ def load_image_folder(
             f"No images ({', '.join(EXTENSIONS)}) for split {split!r} under "
             f"data.dir {roots[split]!r}."
         )
-    classes = sorted({_class_of(f) for s in SPLITS for f in files[s]} - {""})
-    class_id = {c: i for i, c in enumerate(classes)}
-    mode = {1: "L", 3: "RGB"}[channels]
-    images = [_read(os.path.join(roots[split], f), image_size, mode) for f in files[split]]
-    labels = [class_id.get(_class_of(f), 0) for f in files[split]]
-    images = np.stack(images).reshape(len(images), image_size, image_size, channels)
-    return images, np.asarray(labels, np.int32)
+    return roots, files

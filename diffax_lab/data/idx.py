@@ -47,6 +47,25 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, count=expected, offset=header).reshape(shape)
 
 
+def idx_length(path: str) -> int:
+    """The first dimension an IDX file's header declares (its number of examples)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read(8)
+    except (OSError, EOFError) as e:
+        raise DataError(f"Cannot read IDX file {path}: {e}. {GET_DATA_HINT}") from e
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number). {GET_DATA_HINT}")
+    return int(np.frombuffer(raw, ">u4", count=1, offset=4)[0])
+
+
+def idx_split_size(directory: str, split: str) -> int:
+    if split not in SPLIT_PREFIX:
+        raise DataError(f"IDX data has splits {sorted(SPLIT_PREFIX)}, not {split!r}.")
+    return idx_length(find_idx_file(directory, f"{SPLIT_PREFIX[split]}-labels-idx1-ubyte"))
+
+
 def find_idx_file(directory: str, stem: str) -> str:
     for name in (stem, stem + ".gz"):
         path = os.path.join(directory, name)

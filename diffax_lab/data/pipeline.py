@@ -3,6 +3,13 @@
 The dataset sits on the device once, as uint8; each train step gathers its batch inside
 the jitted step. Batches walk through one random permutation per epoch (sampling without
 replacement), so a resumed run sees exactly the batches an uninterrupted one would.
+
+Host-sharded input (``data.num_shards = k > 0``): the train split is cut into k contiguous
+index ranges (``shard_ranges``), each process reads only the shards its devices feed, and
+the batch at step s is shard 0's B / k examples, then shard 1's, ... each shard walking its
+own permutations (key ``fold_in(data key, shard)``). The order is a function of (seed, s,
+k) alone, never of the number of processes, so it carries no state for a checkpoint to
+hold: a run resumed on another number of hosts (k fixed) sees the same batches.
 """
 
 from __future__ import annotations
@@ -27,6 +34,27 @@ def batch_indices(key, step, num_examples: int, batch_size: int):
     perm0 = jax.random.permutation(jax.random.fold_in(key, first), n)
     perm1 = jax.random.permutation(jax.random.fold_in(key, first + 1), n)
     return jnp.where(epoch == first, perm0[offset], perm1[offset])
+
+
+def shard_ranges(num_examples: int, num_shards: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of ``num_shards`` contiguous shards (sizes differ by at most
+    one; disjoint and together all examples). ``num_shards = 0``: one shard of all."""
+    k = max(num_shards, 1)
+    return [(s * num_examples // k, (s + 1) * num_examples // k) for s in range(k)]
+
+
+def sharded_batch_indices(key, step, shard_sizes: tuple[int, ...], batch_size: int):
+    """Indices [B] into the concatenated shards of the examples in batch ``step``: B / k
+    from each shard, by ``batch_indices`` with the shard's own key. One shard: exactly
+    ``batch_indices(key, ...)`` (the single global order)."""
+    if len(shard_sizes) == 1:
+        return batch_indices(key, step, shard_sizes[0], batch_size)
+    per = batch_size // len(shard_sizes)
+    parts, offset = [], 0
+    for s, n in enumerate(shard_sizes):
+        parts.append(offset + batch_indices(jax.random.fold_in(key, s), step, n, per))
+        offset += n
+    return jnp.concatenate(parts)
 
 
 def to_model_range(images_uint8):

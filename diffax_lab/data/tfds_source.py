@@ -9,7 +9,7 @@ from diffax_lab.data.idx import DataError
 TFDS_SPLIT = {"train": "train", "test": "test"}
 
 
-def load_tfds_split(name: str, split: str, data_dir: str | None):
+def _tfds(name: str):
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -18,8 +18,31 @@ def load_tfds_split(name: str, split: str, data_dir: str | None):
             "`pip install -e .[tfds]`; or use data.source='idx' with the Debian package "
             "dataset-fashion-mnist."
         ) from e
+    return tfds
+
+
+def tfds_split_size(name: str, split: str, data_dir: str | None) -> int:
+    """Examples in the split, from the prepared dataset's metadata (nothing is read)."""
+    tfds = _tfds(name)
     try:
-        ds = tfds.load(name, split=TFDS_SPLIT[split], data_dir=data_dir or None, batch_size=-1)
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        return int(builder.info.splits[TFDS_SPLIT[split]].num_examples)
+    except Exception as e:
+        raise DataError(
+            f"tfds could not read the size of {name!r} split {split!r} (data_dir="
+            f"{data_dir!r}): {e}. Prepare the dataset first (run once with network access)."
+        ) from e
+
+
+def load_tfds_split(
+    name: str, split: str, data_dir: str | None, examples: tuple[int, int] | None = None
+):
+    """The split as numpy; ``examples=(start, stop)``: only that slice is read (tfds's
+    ``split[start:stop]`` read instruction: a host reads only its shard)."""
+    tfds = _tfds(name)
+    spec = TFDS_SPLIT[split] + ("" if examples is None else f"[{examples[0]}:{examples[1]}]")
+    try:
+        ds = tfds.load(name, split=spec, data_dir=data_dir or None, batch_size=-1)
         ds = tfds.as_numpy(ds)
     except Exception as e:  # tfds raises many kinds; all mean "not there, cannot fetch"
         raise DataError(

@@ -52,13 +52,27 @@ def prepare(config, workdir: str, mode: str):
     registry.check_config(config)
     check_optional_deps(config)
     workdir = workdir_lib.check_workdir(workdir)
-    mesh = sharding.make_mesh(config.train.num_devices or None)
+    mesh = sharding.make_mesh(config.train.num_devices or None, config.train.get("fsdp", 1))
     if mode == "train":
-        sharding.check_batch_divides(config.train.batch_size, mesh)
-        if config.train.batch_size % jax.process_count():
+        accum = config.train.get("grad_accum", 1)
+        sharding.check_batch_divides(config.train.batch_size, mesh, grad_accum=accum)
+        if config.train.batch_size % (jax.process_count() * accum):
             raise ConfigError(
                 f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-                f"{jax.process_count()} processes (each feeds batch_size / processes images)."
+                f"{jax.process_count()} processes x config.train.grad_accum={accum} (each "
+                "process feeds batch_size / processes images, micro-batch by micro-batch)."
+            )
+        shards = config.data.get("num_shards", 0)
+        if shards % jax.process_count():
+            raise ConfigError(
+                f"config.data.num_shards={shards} must be a multiple of the "
+                f"{jax.process_count()} processes (each reads whole shards); use "
+                f"{jax.process_count()} or a multiple, or 0 for every process to read all."
+            )
+        if shards and jax.process_count() > 1 and config.data.placement == "device":
+            raise ConfigError(
+                "config.data.num_shards with several processes needs "
+                "config.data.placement='host' (no device holds the whole dataset)."
             )
         workdir_lib.check_resume_compatible(workdir, config)
         keep_decay_horizon(config, workdir)

@@ -34,7 +34,7 @@ from diffax_lab import checkpointing, evaluators
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.data import pipeline
 from diffax_lab.distributed import is_main_process
-from diffax_lab.errors import WorkdirError
+from diffax_lab.errors import DataError, WorkdirError
 from diffax_lab.modes.common import build_evaluators, prepare
 from diffax_lab.tasks.base import tree_all_finite
 
@@ -149,6 +149,25 @@ def state_megabytes(abstract_state) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) / 2**20
 
 
+def compiled_memory(compiled) -> dict[str, float]:
+    """Per-device MiB of a compiled program (XLA's buffer assignment): its arguments (the
+    state and batch), temporaries (activations, gradients, gathered weights) and peak."""
+    stats = compiled.memory_analysis()
+    if stats is None:  # a backend without the analysis
+        return {}
+    mib = {
+        "arguments": stats.argument_size_in_bytes,
+        "temporaries": stats.temp_size_in_bytes,
+        "outputs": stats.output_size_in_bytes - stats.alias_size_in_bytes,
+        "peak": getattr(stats, "peak_memory_in_bytes", 0),
+    }
+    return {k: v / 2**20 for k, v in mib.items()}
+
+
+def memory_line(compiled) -> str:
+    return ", ".join(f"{k} {v:.2f} MiB" for k, v in compiled_memory(compiled).items()) or "n/a"
+
+
 def restore_or_init(task, ckpt, config):
     """(state, resumed step or None), honouring train.restart_if_corrupt."""
     try:
@@ -227,17 +246,34 @@ def _train(config, workdir, mesh, task):
         if gather_in_step:
             data_args = (jax.device_put(imgs, task.repl), jax.device_put(labels, task.repl))
         else:
-            host_indices = jax.jit(pipeline.batch_indices, static_argnums=(2, 3))
+            host_indices = jax.jit(pipeline.sharded_batch_indices, static_argnums=(2, 3))
+            shard_sizes = task.shard_sizes or (n,)
         train_step = task.make_train_step(n, gather_in_step)
 
         def batch_for(step):
             if gather_in_step:
                 return data_args
-            # Each process gathers only the rows its own devices hold (its slice of the batch).
-            idx = np.asarray(host_indices(task.data_key, step, n, config.train.batch_size))
+            # Each process gathers only the rows its own devices hold (its slice of the
+            # batch), from the examples it holds (all, or its shards: data.num_shards).
+            idx = np.asarray(
+                host_indices(task.data_key, step, shard_sizes, config.train.batch_size)
+            )
+            local = idx - task.local_offset
+
+            def rows(i):
+                r = local[i[0]]
+                if r.size and (r.min() < 0 or r.max() >= n):
+                    raise DataError(
+                        f"Process {jax.process_index()} holds train examples "
+                        f"[{task.local_offset}, {task.local_offset + n}) but its devices hold "
+                        f"batch rows {i[0]} of other shards: the device mesh does not keep "
+                        "each process's devices together; set data.num_shards=0."
+                    )
+                return r
+
             return tuple(
                 jax.make_array_from_callback(
-                    (len(idx), *a.shape[1:]), task.batch_sharding, lambda i, a=a: a[idx[i[0]]]
+                    (len(idx), *a.shape[1:]), task.batch_sharding, lambda i, a=a: a[rows(i)]
                 )
                 for a in (imgs, labels)
             )
@@ -245,7 +281,9 @@ def _train(config, workdir, mesh, task):
         logging.info("Compiling the train step (batch %d)...", config.train.batch_size)
         t0 = time.perf_counter()
         train_step = train_step.lower(state, *batch_for(start)).compile()
-        logging.info("Compiled in %.1f s.", time.perf_counter() - t0)
+        logging.info(
+            "Compiled in %.1f s; per device %s.", time.perf_counter() - t0, memory_line(train_step)
+        )
 
         writer = MetricsWriter(workdir, start, config.train.tensorboard)
         sample_key = jax.random.PRNGKey(config.sample.seed)

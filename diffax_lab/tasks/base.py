@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from diffax_lab import checkpointing, sharding
 from diffax_lab.config_lib import check_choice, check_number
-from diffax_lab.data import SOURCES, load_split, pipeline
+from diffax_lab.data import SOURCES, load_split, pipeline, split_size
 from diffax_lab.errors import ConfigError
 
 
@@ -77,6 +78,15 @@ def check_common(config) -> None:
     check_choice(config, "data.channels", (1, 3))
     check_number(config, "data.num_examples", low=0, integer=True)
     check_choice(config, "data.placement", ("device", "host"))
+    if "num_shards" in config.data:
+        check_number(config, "data.num_shards", low=0, integer=True)
+        k = config.data.num_shards
+        if k and config.train.batch_size % k:
+            raise ConfigError(
+                f"config.train.batch_size={config.train.batch_size} must be divisible by "
+                f"config.data.num_shards={k} (each step takes batch_size / num_shards "
+                "examples from every shard); change one of them."
+            )
     if "test_fraction" in config.data:
         check_number(config, "data.test_fraction", low=0.0, high=1.0, high_open=True)
 
@@ -96,6 +106,10 @@ def check_common(config) -> None:
     check_number(config, "train.batch_size", low=1, integer=True)
     check_number(config, "train.num_steps", low=0, integer=True)
     check_number(config, "train.num_devices", low=0, integer=True)
+    if "grad_accum" in config.train:
+        check_number(config, "train.grad_accum", low=1, integer=True)
+    if "fsdp" in config.train:
+        check_number(config, "train.fsdp", low=1, integer=True)
     for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
         check_number(config, "train." + f, low=1, integer=True)
     check_number(config, "train.sample_every", low=0, integer=True)
@@ -127,12 +141,17 @@ class Task:
         self.mesh = mesh
         c = config
         self.image_shape = (c.data.image_size, c.data.image_size, c.data.channels)
+        # Host-sharded input (data.num_shards): the sizes of all shards and where this
+        # process's examples start, set by load_train_split; None: one global order.
+        self.shard_sizes: tuple[int, ...] | None = None
+        self.local_offset = 0
         self.repl = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharded(mesh)
         self.build()
         self.tx, self.lr_fn = make_optimizer(c.optim, c.train.num_steps)
         self.abstract_state = jax.eval_shape(self.init_state)
-        self.state_shardings = jax.tree.map(lambda _: self.repl, self.abstract_state)
+        # Replicated, or split over the fsdp axis (train.fsdp > 1): sharding.py decides.
+        self.state_shardings = sharding.state_shardings(self.abstract_state, mesh)
 
     # ----- hooks a task implements -----
     @classmethod
@@ -210,12 +229,19 @@ class Task:
 
     # ----- data -----
     def load_train_split(self):
-        """The train split, checked against the batch size (before compiling)."""
+        """The train split (with data.num_shards: only this process's shards), checked
+        against the batch size (before compiling)."""
         c = self.config
-        imgs, labels = load_split(c.data, "train")
-        if c.train.batch_size > imgs.shape[0]:
+        k = c.data.get("num_shards", 0)
+        if k:
+            imgs, labels = self._load_own_shards(k)
+        else:
+            imgs, labels = load_split(c.data, "train")
+            self.shard_sizes, self.local_offset = (imgs.shape[0],), 0
+        if c.train.batch_size > sum(self.shard_sizes):
             raise ConfigError(
-                f"config.train.batch_size={c.train.batch_size} exceeds the {imgs.shape[0]} "
+                f"config.train.batch_size={c.train.batch_size} exceeds the "
+                f"{sum(self.shard_sizes)} "
                 "training images; lower it or use more data (data.num_examples)."
             )
         k = c.model.get("num_classes", 0)
@@ -225,6 +251,38 @@ class Task:
                 f"set it to at least {int(labels.max()) + 1}."
             )
         return imgs, labels
+
+    def _load_own_shards(self, num_shards: int):
+        """Reads the contiguous shards this process's devices feed: process p of P holds
+        shards [p k / P, (p + 1) k / P) of ``pipeline.shard_ranges``."""
+        c = self.config
+        n = split_size(c.data, "train")
+        ranges = pipeline.shard_ranges(n, num_shards)
+        per_shard = c.train.batch_size // num_shards
+        if per_shard > min(b - a for a, b in ranges):
+            raise ConfigError(
+                f"config.data.num_shards={num_shards} cuts the {n} training images into "
+                f"shards of {min(b - a for a, b in ranges)}, fewer than the "
+                f"batch_size / num_shards = {per_shard} a step takes from each; use fewer "
+                "shards or a smaller batch."
+            )
+        procs, p = jax.process_count(), jax.process_index()
+        own = ranges[p * num_shards // procs : (p + 1) * num_shards // procs]
+        start, stop = own[0][0], own[-1][1]
+        logging.info(
+            "Process %d of %d reads train examples [%d, %d) of %d (shards %d-%d of %d).",
+            p,
+            procs,
+            start,
+            stop,
+            n,
+            p * num_shards // procs,
+            (p + 1) * num_shards // procs - 1,
+            num_shards,
+        )
+        self.shard_sizes = tuple(b - a for a, b in ranges)
+        self.local_offset = start
+        return load_split(c.data, "train", (start, stop))
 
     def test_batches(self):
         """The test split, cut to eval.num_examples in whole batches of eval.batch_size."""
@@ -270,30 +328,46 @@ class Task:
         With ``gather_in_step`` the images are the whole uint8 dataset on the device and the
         step picks its batch; otherwise they are the batch itself (gathered on the host
         with the same ``batch_indices``).
+
+        With ``train.grad_accum = A > 1`` the batch of B is split into A micro-batches of
+        B / A (example j goes to micro-batch j % A: each device keeps its own rows, no data
+        moves) and a ``lax.scan`` sums their gradients inside the step: one micro-batch is
+        live at a time, and the program (and its compile memory) does not grow with A.
+        The update, the non-finite guard and the EMA then see the mean gradient, as with
+        one batch of B. Micro-batch m draws its noise from ``fold_in(key, m)``.
         """
         c = self.config
         B = c.train.batch_size
+        accum = c.train.get("grad_accum", 1)
         decay = c.optim.ema_decay
         faults = tuple(c.train.get("fault_nan_steps", ()))
+        micro_sharding = sharding.microbatch_sharded(self.mesh)
 
         def train_step(state, images, labels):
             step = state["step"]
             key = jax.random.fold_in(state["rng"], step)
             # Batches are ordered by self.data_key (seed only); this key drives the noise.
             flip_key, *loss_keys = jax.random.split(key, 4)
-            if gather_in_step:
-                idx = pipeline.batch_indices(self.data_key, step, num_examples, B)
+            if gather_in_step:  # the device holds every shard (one process)
+                sizes = self.shard_sizes or (num_examples,)
+                idx = pipeline.sharded_batch_indices(self.data_key, step, sizes, B)
                 images, labels = images[idx], labels[idx]
             x0, labels = self.model_input(images, labels, flip_key)
             x0 = jax.lax.with_sharding_constraint(x0, self.batch_sharding)
 
-            def loss_of(params):
-                loss, aux = self.train_loss(params, x0, labels, loss_keys)
+            def loss_of(params, x0, labels, keys):
+                loss, aux = self.train_loss(params, x0, labels, keys)
                 if faults:  # fault injection (train.fault_nan_steps): NaN loss and grads
                     loss = loss * jnp.where(jnp.isin(step, jnp.asarray(faults)), jnp.nan, 1.0)
                 return loss, aux
 
-            (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+            grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+            if accum == 1:
+                (loss, aux), grads = grad_fn(state["params"], x0, labels, loss_keys)
+            else:
+                (loss, aux), grads = accumulate(
+                    grad_fn, state["params"], x0, labels, loss_keys, accum, micro_sharding
+                )
             grad_norm = optax.tree_utils.tree_norm(grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
@@ -330,6 +404,40 @@ class Task:
             out_shardings=(self.state_shardings, self.repl),
             donate_argnums=(0,),
         )
+
+
+def split_microbatches(x, num: int):
+    """[B, ...] -> [num, B / num, ...]; micro-batch m holds examples m, m + num, ..."""
+    if x is None:
+        return None
+    b = x.shape[0] // num
+    return jnp.swapaxes(x.reshape(b, num, *x.shape[1:]), 0, 1)
+
+
+def accumulate(grad_fn, params, x0, labels, keys, num: int, micro_sharding):
+    """((mean loss, mean aux), mean gradient) of ``grad_fn`` over ``num`` micro-batches,
+    summed in a ``lax.scan`` (one micro-batch live at a time). Aux entries are averaged
+    ignoring NaN (a statistic empty in one micro-batch), as the loop averages steps."""
+
+    def split(t):  # [B, ...] -> [num, B / num, ...], each micro-batch over all devices
+        return jax.tree.map(
+            lambda a: jax.lax.with_sharding_constraint(split_microbatches(a, num), micro_sharding),
+            t,
+        )
+
+    xs = (split(x0), split(labels), jnp.arange(num))
+
+    def body(grad_sum, inputs):
+        x, y, m = inputs
+        micro_keys = [jax.random.fold_in(k, m) for k in keys]
+        (loss, aux), grads = grad_fn(params, x, y, micro_keys)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (losses, auxes) = jax.lax.scan(body, zeros, xs)
+    grads = jax.tree.map(lambda g: g / num, grad_sum)
+    aux = jax.tree.map(lambda a: jnp.nanmean(a, axis=0), auxes)
+    return (jnp.mean(losses), aux), grads
 
 
 def predict_in_batches(fn, images_u8: np.ndarray, batch_size: int) -> np.ndarray:
