@@ -223,6 +223,8 @@ def check_sample_metric_fields(config) -> None:
             "config.eval.bpd_num_terms=1 cannot estimate the bound; use 0 (all T) or >= 2."
         )
     check_number(config, "eval.every_steps", low=0, integer=True)
+    if "inception_batch_size" in e:
+        check_number(config, "eval.inception_batch_size", low=1, integer=True)
     if e.every_steps and not e.judge_workdir:
         raise ConfigError(
             "config.eval.every_steps > 0 computes sample metrics, which need "
@@ -276,7 +278,7 @@ class DenoisingTask(Task):
     """A U-Net trained to denoise x_t under one schedule; samples with every sampler."""
 
     can_sample = True
-    metrics = ("loss", "fd", "kid", "pr", "bpd")
+    metrics = ("loss", "fd", "kid", "pr", "bpd", "fid_inception", "kid_inception")
 
     @classmethod
     def check_config(cls, config) -> None:
