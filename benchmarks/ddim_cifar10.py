@@ -84,9 +84,11 @@ def main(argv=None) -> list[dict]:
     rows = []
     for n in steps:
         run = jax.jit(
-            lambda key, n=n: samplers.sample(
-                fn, schedule, shape, key, sampler="ddim", num_steps=n, eta=0.0
-            ).samples
+            lambda key, n=n: (
+                samplers.sample(
+                    fn, schedule, shape, key, sampler="ddim", num_steps=n, eta=0.0
+                ).samples
+            )
         )
         t0 = time.perf_counter()
         run(jax.random.PRNGKey(0)).block_until_ready()
