@@ -70,6 +70,7 @@ def _config(tiny_run, weights, **extra):
         "eval.num_reference": N,
         "eval.kid_subset_size": N,
         "eval.kid_num_subsets": 3,
+        "eval.pr_k": 1,
         "eval.inception_batch_size": N,
         "sample.batch_size": N,
         "sample.sampler": "ddim",

@@ -15,10 +15,11 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from flax import traverse_util
 
 from diffax_lab import config_lib, convert
-from diffax_lab.errors import ConfigError
+from diffax_lab import workdir as workdir_lib
+from diffax_lab.errors import ConfigError, WorkdirError
 from diffax_lab.models.diffusers_unet import load_unet2d
 from diffax_lab.modes import sample, train
-from diffax_lab.modes.common import prepare
+from diffax_lab.modes.common import prepare, restore
 
 T = 100
 LAYOUT = dict(
@@ -76,6 +77,7 @@ def _base_overrides(data_dir):
     }
 
 
+@pytest.mark.slow
 def test_convert_round_trip_and_sample(pipeline_dir, tiny_data, tmp_path):
     path, unet = pipeline_dir
     workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
@@ -94,9 +96,7 @@ def test_convert_round_trip_and_sample(pipeline_dir, tiny_data, tmp_path):
     # The lab's sample mode accepts the converted workdir; its EMA weights are the folder's.
     result = sample.run(saved, workdir)
     assert result["step"] == 0 and result["samples"].shape == (2, 32, 32, 1)
-    _, task = prepare(saved, workdir, "sample")[1:]
-    from diffax_lab.modes.common import restore
-
+    _, _, task = prepare(saved, workdir, "sample")
     state, _ = restore(task, workdir)
     _, loaded, _ = load_unet2d(path)
     want, have = _flat(loaded["params"]), _flat(state["ema_params"])
@@ -179,3 +179,19 @@ def test_from_diffusers_refusals(pipeline_dir, tiny_data, tmp_path):
     config = _from_diffusers_config(path, tiny_data, **{"data.channels": "3"})
     with pytest.raises(ConfigError, match=r"config\.data\.channels=3 differs from 1"):
         prepare(config, str(tmp_path / "w"), "train")
+
+
+def test_resuming_a_run_saved_before_new_config_fields(tmp_path):
+    """Fields added to configs/ddpm.py since a run was saved (the U-Net's diffusers options,
+    init) count as their defaults: an older run still resumes; a real change is refused."""
+    config = config_lib.load_config("ddpm:tiny")
+    saved = json.loads(config.to_json())
+    for field in ("time_scale", "norm_eps", "attention_levels", "outer_activation"):
+        del saved["model"][field]
+    del saved["init"]
+    os.makedirs(tmp_path / "checkpoints" / "2")
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    workdir_lib.check_resume_compatible(str(tmp_path), config)
+    config.model.base_channels = 32
+    with pytest.raises(WorkdirError, match="model.base_channels: 16 -> 32"):
+        workdir_lib.check_resume_compatible(str(tmp_path), config)
