@@ -414,8 +414,8 @@ class DenoisingTask(Task):
         )
         self.pretrained_params = params
 
-    def create_state(self):
-        state = super().create_state()
+    def create_state(self, *args, **kwargs):
+        state = super().create_state(*args, **kwargs)
         pretrained = getattr(self, "pretrained_params", None)
         if pretrained is None:
             return state
