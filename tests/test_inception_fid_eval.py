@@ -20,6 +20,7 @@ from diffax_lab.metrics import fid as fid_lib
 from diffax_lab.models.inception import INPUT_SIZE, InceptionV3FID
 from diffax_lab.modes import evaluate
 from diffax_lab.modes.common import build_evaluators, prepare
+from tests.helpers import tiny_config
 
 N = 2  # samples and reference images: Inception at 299 px is the cost on a CPU
 
@@ -60,9 +61,9 @@ def weights(tmp_path_factory):
     return write_random_inception(str(tmp_path_factory.mktemp("inception") / "w.safetensors"))
 
 
-def _config(tiny_run, weights, **extra):
-    _, workdir = tiny_run
-    config = config_lib.load_run_config(workdir)
+def _config(base, weights, **extra):
+    """``base``: the shared tiny run (its saved config) or a config to start from."""
+    config = config_lib.load_run_config(base[1]) if isinstance(base, tuple) else base
     overrides = {
         "eval.metrics": ("fid_inception", "kid_inception"),
         "eval.inception_weights": weights,
@@ -110,16 +111,17 @@ def test_fid_and_kid_in_inception_space(tiny_run, weights, tmp_path, caplog):
         assert json.load(f)["fid_inception"] == again["fid_inception"]
 
 
-def test_missing_weights_are_refused_with_the_command(tiny_run, tmp_path):
+def test_missing_weights_are_refused_with_the_command(tiny_data, tmp_path):
+    workdir = str(tmp_path / "run")  # nothing is trained: the refusal comes first
     for path, match in (("", "is empty"), (str(tmp_path / "none.safetensors"), "does not exist")):
-        config = _config(tiny_run, path)
-        _, mesh, task = prepare(config, tiny_run[1], "eval")
+        config = _config(tiny_config(tiny_data), path)
+        _, mesh, task = prepare(config, workdir, "eval")
         with pytest.raises(ConfigError, match=f"config.eval.inception_weights.*{match}") as e:
-            build_evaluators(task, tiny_run[1], mesh, task.selected_metrics())
+            build_evaluators(task, workdir, mesh, task.selected_metrics())
         assert "python -m diffax_lab.models.inception --convert" in str(e.value)
     pickle_path = tmp_path / "pt_inception.pth"
     pickle_path.write_bytes(b"not read")
-    config = _config(tiny_run, str(pickle_path))
-    _, mesh, task = prepare(config, tiny_run[1], "eval")
+    config = _config(tiny_config(tiny_data), str(pickle_path))
+    _, mesh, task = prepare(config, workdir, "eval")
     with pytest.raises(ConfigError, match="pickle.*--convert"):
-        build_evaluators(task, tiny_run[1], mesh, task.selected_metrics())
+        build_evaluators(task, workdir, mesh, task.selected_metrics())
