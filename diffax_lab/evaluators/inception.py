@@ -18,6 +18,7 @@ weights and n >= 10,000.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -40,6 +41,14 @@ CONVERT = (
 SPLITS = ("train", "test")
 
 
+@functools.lru_cache(maxsize=2)
+def _extractor(path: str, batch_size: int, mtime_ns: int) -> InceptionFeatures:
+    """One loaded (and, after its first batch, compiled) network per weights file and batch
+    size in a process: evaluations during training and repeated evaluations reuse it."""
+    del mtime_ns  # part of the key only: a rewritten file loads anew
+    return InceptionFeatures(path, batch_size=batch_size)
+
+
 class Evaluator(EvaluatorBase):
     during_training = True
 
@@ -59,7 +68,9 @@ class Evaluator(EvaluatorBase):
                 f"{list(SPLITS)}."
             )
         try:
-            self.extractor = InceptionFeatures(path, batch_size=e.inception_batch_size)
+            self.extractor = _extractor(
+                os.path.abspath(path), e.inception_batch_size, os.stat(path).st_mtime_ns
+            )
         except (ValueError, OSError) as err:
             raise ConfigError(f"{field}={path!r}: {err}") from None
         self.cache_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "inception_cache")
