@@ -65,6 +65,25 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.model.num_classes = 0  # > 0: class-conditional (labels from the data)
     config.model.cond_dim = 0  # > 0: vector-conditional
     config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    # Options of diffusers' UNet2DModel (python -m diffax_lab.convert and
+    # init.from_diffusers set them from a folder's config.json); the defaults are the lab's.
+    config.model.time_scale = 1000.0  # the network embeds time_scale * t - time_index_offset
+    config.model.time_flip_sin_to_cos = False  # cos before sin (diffusers' flip_sin_to_cos)
+    config.model.time_freq_shift = 1.0  # frequencies 10000^(-k / (half - shift)) (freq_shift)
+    config.model.norm_eps = 1e-6  # every GroupNorm's epsilon (diffusers' norm_eps)
+    config.model.downsample_padding = 1  # 1: pad (1, 1); 0: pad (0, 1) as diffusers' 0
+    config.model.attention_head_dim = 0  # > 0: width / head_dim heads (not attention_heads)
+    config.model.attention_levels = ()  # levels (0 = full size) with attention at any size
+    config.model.mid_attention = True  # attention between the two middle ResBlocks
+    config.model.center_input = False  # x -> 2 x - 1 first (center_input_sample)
+    config.model.outer_activation = ""  # time MLP and output head; '' = model.activation
+
+    # Start from pretrained weights (tasks/denoising.py): a diffusers UNet2DModel folder
+    # (config.json + diffusion_pytorch_model.safetensors, or a pipeline holding unet/). Its
+    # config.json sets the model section (a model field set to another value is refused by
+    # name) and its scheduler_config.json the diffusion section; '' = random init.
+    config.init = ConfigDict()
+    config.init.from_diffusers = ""
 
     config.diffusion = ConfigDict()
     config.diffusion.schedule = "linear"  # linear | cosine | sigmoid
@@ -167,6 +186,15 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.eval.bpd_num_terms = 0  # 0 = all T terms of the bound, else stratified n of them
     config.eval.every_steps = 0  # > 0: sample metrics during training, into metrics.jsonl
     config.eval.checkpoint_step = 0  # --mode=eval on this saved step (0 = the latest)
+    # FID / KID in Inception space (evaluators fid_inception, kid_inception): pytorch-fid's
+    # Inception-v3 converted once to safetensors (README, "Pretrained weights"), and the
+    # reference statistics: a pytorch-fid .npz (mu, sigma), or '' = computed from the
+    # eval.fid_reference_split of the data (eval.num_reference images), cached beside the
+    # weights in inception_cache/.
+    config.eval.inception_weights = ""
+    config.eval.fid_reference_stats = ""
+    config.eval.fid_reference_split = "train"  # train | test (papers: CIFAR-10 train, 50k)
+    config.eval.inception_batch_size = 100
 
     if arg in (None, ""):
         return config

@@ -19,7 +19,7 @@ import time
 
 from absl import logging
 
-from diffax_lab.config_lib import read_saved
+from diffax_lab.config_lib import DEFAULT_CONFIG, load_config, read_saved, with_defaults
 from diffax_lab.errors import WorkdirError
 
 # Sections (and fields) that define the shape and meaning of the saved state.
@@ -117,6 +117,9 @@ def check_resume_compatible(workdir: str, config) -> None:
     saved = read_saved(workdir)
     if saved is None:
         return  # no config.json: the checkpoints' shapes are checked on restore
+    # Fields added to the lab since the run was saved count as their defaults (as
+    # load_run_config reads them), so a new field never blocks resuming an older run.
+    saved = with_defaults(saved, json.loads(load_config(DEFAULT_CONFIG).to_json()))
     diffs = config_differences(saved, json.loads(config.to_json()))
     if diffs:
         raise WorkdirError(

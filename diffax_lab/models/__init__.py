@@ -89,7 +89,28 @@ def build_unet(config, out_channels: int | None = None) -> UNet:
         num_classes=c.num_classes,
         cond_dim=c.cond_dim,
         dtype=compute_dtype(config),
+        **{f: _tuple(c[f]) for f in UNET_DIFFUSERS_FIELDS if f in c},
     )
+
+
+# U-Net options of the model section that diffusers' UNet2DModel needs (configs/ddpm.py);
+# configs without them build the U-Net's defaults.
+UNET_DIFFUSERS_FIELDS = (
+    "time_scale",
+    "time_flip_sin_to_cos",
+    "time_freq_shift",
+    "norm_eps",
+    "downsample_padding",
+    "attention_head_dim",
+    "attention_levels",
+    "mid_attention",
+    "center_input",
+    "outer_activation",
+)
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 @register_model("classifier")

@@ -47,6 +47,7 @@ from diffax_lab.models.unet import UNet
 __all__ = [
     "DiffusersFormatError",
     "DiffusersUNetInfo",
+    "describe_unet2d",
     "export_pipeline",
     "export_unet2d",
     "load_unet2d",
@@ -79,6 +80,8 @@ class DiffusersUNetInfo:
     num_train_timesteps_from: str  # where T came from (scheduler_config.json, argument, default)
     legacy_attention_names: bool  # query/key/value/proj_attn were renamed on load
     scheduler: dict | None  # scheduler_config_to_lab(scheduler_config.json) if there is one
+    unet_dir: str = ""  # the folder holding config.json (path, or path/unet)
+    scheduler_file: str | None = None  # the scheduler_config.json read, if any
 
 
 # ---------------------------------------------------------------- parameter names
@@ -281,20 +284,10 @@ def _param_shapes(model: UNet, in_channels: int) -> dict:
     return shapes["params"]
 
 
-def load_unet2d(
-    path: str,
-    *,
-    num_train_timesteps: int | None = None,
-    variant: str | None = None,
-    dtype: Any = jnp.float32,
-) -> tuple[UNet, dict, DiffusersUNetInfo]:
-    """(UNet, {"params": ...}, info) from a diffusers UNet2DModel folder (or pipeline).
-
-    T (``num_train_timesteps``, which sets ``time_scale``) is the argument if given, else
-    the scheduler_config.json beside the UNet's, else 1000 (``info`` says which).
-    Everything is checked (config fields, then every key and shape in the safetensors
-    header) before any weight is read.
-    """
+def describe_unet2d(path: str, *, num_train_timesteps: int | None = None) -> DiffusersUNetInfo:
+    """What ``load_unet2d(path)`` would build, from the config files alone (no weight is
+    read; ``weights_file`` is ''): the lab U-Net's arguments and the scheduler's settings.
+    Refuses, by field name, a config.json the lab's U-Net cannot represent."""
     unet_dir = _find_unet_dir(path)
     with open(os.path.join(unet_dir, "config.json")) as f:
         config = json.load(f)
@@ -313,8 +306,39 @@ def load_unet2d(
         T, T_from = int(sched["num_timesteps"]), sched_path
     else:
         T, T_from = 1000, "default (no scheduler_config.json found)"
-    kwargs = unet_config_to_lab(config, T)
-    in_channels = int(config.get("in_channels", 3))
+    return DiffusersUNetInfo(
+        source=path,
+        weights_file="",
+        config=config,
+        unet_kwargs=unet_config_to_lab(config, T),
+        in_channels=int(config.get("in_channels", 3)),
+        sample_size=config.get("sample_size"),
+        num_train_timesteps=T,
+        num_train_timesteps_from=T_from,
+        legacy_attention_names=False,
+        scheduler=sched,
+        unet_dir=unet_dir,
+        scheduler_file=sched_path,
+    )
+
+
+def load_unet2d(
+    path: str,
+    *,
+    num_train_timesteps: int | None = None,
+    variant: str | None = None,
+    dtype: Any = jnp.float32,
+) -> tuple[UNet, dict, DiffusersUNetInfo]:
+    """(UNet, {"params": ...}, info) from a diffusers UNet2DModel folder (or pipeline).
+
+    T (``num_train_timesteps``, which sets ``time_scale``) is the argument if given, else
+    the scheduler_config.json beside the UNet's, else 1000 (``info`` says which).
+    Everything is checked (config fields, then every key and shape in the safetensors
+    header) before any weight is read.
+    """
+    described = describe_unet2d(path, num_train_timesteps=num_train_timesteps)
+    unet_dir, kwargs = described.unet_dir, described.unet_kwargs
+    in_channels = described.in_channels
     model = UNet(**kwargs, dtype=dtype)
     entries = _entries(_param_shapes(model, in_channels), len(kwargs["channel_mult"]))
 
@@ -361,18 +385,7 @@ def load_unet2d(
             arrays.append(tensors[key])
         flat[e.lab_path] = jnp.asarray(_to_lab(arrays, e.lab_path[-1]), jnp.float32)
     params = {"params": traverse_util.unflatten_dict(flat)}
-    info = DiffusersUNetInfo(
-        source=path,
-        weights_file=files[0],
-        config=config,
-        unet_kwargs=kwargs,
-        in_channels=in_channels,
-        sample_size=config.get("sample_size"),
-        num_train_timesteps=T,
-        num_train_timesteps_from=T_from,
-        legacy_attention_names=legacy,
-        scheduler=sched,
-    )
+    info = dataclasses.replace(described, weights_file=files[0], legacy_attention_names=legacy)
     return model, params, info
 
 
@@ -468,3 +481,41 @@ def export_pipeline(
     }
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def lab_config_fields(info: DiffusersUNetInfo) -> dict[str, Any]:
+    """The lab config fields (dotted names) a diffusers folder sets: the model section from
+    config.json, data.channels / data.image_size, and the diffusion and sample settings of
+    its scheduler_config.json. Refuses what the lab's config cannot hold, by field name."""
+    kw = info.unet_kwargs
+    if kw["out_channels"] != info.in_channels:
+        refuse(
+            f"{info.unet_dir}/config.json: out_channels={kw['out_channels']} differs from "
+            f"in_channels={info.in_channels}; the lab's denoiser predicts as many channels as "
+            "it takes (a learned variance's extra channels are not supported)."
+        )
+    fields: dict[str, Any] = {"model.name": "unet", "data.channels": info.in_channels}
+    for name, value in kw.items():
+        if name != "out_channels":
+            fields["model." + name] = tuple(value) if isinstance(value, list | tuple) else value
+    size = info.sample_size
+    if isinstance(size, list | tuple):
+        if len(set(size)) != 1:
+            refuse(f"{info.unet_dir}/config.json: sample_size={size} is not square.")
+        size = size[0]
+    if size:
+        fields["data.image_size"] = int(size)
+    s = info.scheduler
+    if s and "unsupported" in s:
+        refuse(
+            f"{info.scheduler_file}: {s['unsupported']} Remove the scheduler config to keep "
+            "the lab's diffusion section, or retrain with a supported schedule."
+        )
+    fields["diffusion.num_timesteps"] = info.num_train_timesteps
+    if s:
+        fields["diffusion.schedule"] = s["schedule"]
+        fields["diffusion.prediction"] = s["prediction"]
+        fields["sample.clip_x0"] = float(s["clip_x0"] or 0.0)
+        if s["variance"] is not None:
+            fields["sample.variance"] = s["variance"]
+    return fields

@@ -21,7 +21,15 @@ import numpy as np
 from absl import logging
 
 from diffax_lab import images
-from diffax_lab.config_lib import check_choice, check_number
+from diffax_lab import workdir as workdir_lib
+from diffax_lab.config_lib import (
+    DEFAULT_CONFIG,
+    apply_overrides,
+    check_choice,
+    check_number,
+    get_field,
+    load_config,
+)
 from diffax_lab.data import load_split, pipeline
 from diffax_lab.diffusion import get_loss_fn, get_schedule, guidance, process, samplers
 from diffax_lab.diffusion.losses import WEIGHTINGS
@@ -31,6 +39,12 @@ from diffax_lab.diffusion.schedules import SCHEDULES
 from diffax_lab.diffusion.sde_samplers import CORRECTORS, PREDICTORS, SOLVERS
 from diffax_lab.errors import ConfigError
 from diffax_lab.models import DTYPES, get_model
+from diffax_lab.models.diffusers_unet import (
+    DiffusersFormatError,
+    describe_unet2d,
+    lab_config_fields,
+    load_unet2d,
+)
 from diffax_lab.models.layers import ACTIVATIONS, DOWNSAMPLES, UPSAMPLES
 from diffax_lab.models.unet import TIME_EMBEDDINGS
 from diffax_lab.tasks import registry
@@ -57,6 +71,7 @@ def check_unet_section(config) -> None:
     check_number(config, "model.num_classes", low=0, integer=True)
     check_number(config, "model.cond_dim", low=0, integer=True)
     check_choice(config, "model.dtype", tuple(DTYPES))
+    check_unet_diffusers_fields(config)
     for ch in (config.model.base_channels * x for x in mults):
         if ch % config.model.num_groups:
             raise ConfigError(
@@ -69,6 +84,79 @@ def check_unet_section(config) -> None:
             f"config.data.image_size={config.data.image_size} must be a multiple of {factor} "
             f"(2^(len(model.channel_mult) - 1)); e.g. 32 for Fashion-MNIST (zero-padded)."
         )
+
+
+def check_unet_diffusers_fields(config) -> None:
+    """The model fields of diffusers' UNet2DModel options (configs/ddpm.py), where present."""
+    m = config.model
+    if "time_scale" in m:
+        check_number(config, "model.time_scale", low=0.0, low_open=True)
+        check_number(config, "model.time_freq_shift", low=0.0)
+        check_number(config, "model.norm_eps", low=0.0, low_open=True)
+        check_choice(config, "model.downsample_padding", (0, 1))
+        check_number(config, "model.attention_head_dim", low=0, integer=True)
+        levels = tuple(m.attention_levels)
+        if any(not isinstance(v, int) or not 0 <= v < len(m.channel_mult) for v in levels):
+            raise ConfigError(
+                f"config.model.attention_levels={levels!r} must be level indices in "
+                f"[0, {len(m.channel_mult)}) (0 = full size)."
+            )
+        if m.outer_activation:
+            check_choice(config, "model.outer_activation", tuple(ACTIVATIONS))
+
+
+# Fields a diffusers folder sets that stay the user's when set to another value: training
+# and sampling settings, not the network's shape.
+USER_WINS = ("model.dropout", "sample.clip_x0", "sample.variance")
+
+
+def _canonical(value):
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def take_model_from_diffusers(config) -> None:
+    """init.from_diffusers=DIR: the model section (and data.channels, data.image_size, the
+    diffusion section) from DIR's config files. A field still at configs/ddpm.py's default
+    takes DIR's value; a field set to a third value is refused by name (training and
+    sampling settings in ``USER_WINS`` keep the user's). No weight is read here."""
+    field = "config.init.from_diffusers"
+    path = config.init.from_diffusers
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"{field}={path!r} is not a folder. Give a diffusers UNet2DModel folder "
+            "(config.json + diffusion_pytorch_model.safetensors) or a pipeline folder holding "
+            "unet/, e.g. from `huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR`; "
+            f"to sample or evaluate a finished run without it, set {field}=''."
+        )
+    try:
+        info = describe_unet2d(path, num_train_timesteps=_folder_T(config, path))
+        wanted = lab_config_fields(info)
+    except DiffusersFormatError as e:
+        raise ConfigError(f"{field}={path!r}: {e}") from None
+    defaults = load_config(DEFAULT_CONFIG)
+    for dotted, want in wanted.items():
+        have = get_field(config, dotted)
+        if _canonical(have) == _canonical(want):
+            continue
+        at_default = _canonical(have) == _canonical(get_field(defaults, dotted))
+        if dotted in USER_WINS and not at_default:
+            continue
+        if not at_default:
+            raise ConfigError(
+                f"config.{dotted}={have!r} differs from {want!r}, which {field}={path!r} "
+                f"gives (its config files). Drop that setting (the folder sets it) or use "
+                "another folder."
+            )
+        value = float(want) if isinstance(have, float) and isinstance(want, int) else want
+        apply_overrides(config, {dotted: value})
+
+
+def _folder_T(config, path) -> int | None:
+    """T for a folder without scheduler_config.json: the config's diffusion.num_timesteps."""
+    info = describe_unet2d(path)
+    return None if info.scheduler_file else config.diffusion.num_timesteps
 
 
 def check_diffusion_section(config) -> None:
@@ -135,6 +223,8 @@ def check_sample_metric_fields(config) -> None:
             "config.eval.bpd_num_terms=1 cannot estimate the bound; use 0 (all T) or >= 2."
         )
     check_number(config, "eval.every_steps", low=0, integer=True)
+    if "inception_batch_size" in e:
+        check_number(config, "eval.inception_batch_size", low=1, integer=True)
     if e.every_steps and not e.judge_workdir:
         raise ConfigError(
             "config.eval.every_steps > 0 computes sample metrics, which need "
@@ -188,11 +278,13 @@ class DenoisingTask(Task):
     """A U-Net trained to denoise x_t under one schedule; samples with every sampler."""
 
     can_sample = True
-    metrics = ("loss", "fd", "kid", "pr", "bpd")
+    metrics = ("loss", "fd", "kid", "pr", "bpd", "fid_inception", "kid_inception")
 
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
+        if config.get("init", {}).get("from_diffusers", ""):
+            take_model_from_diffusers(config)
         check_unet_section(config)
         check_diffusion_section(config)
         check_sampler_fields(config)
@@ -294,6 +386,44 @@ class DenoisingTask(Task):
     def load_resources(self, workdir: str, mode: str) -> None:
         if mode != "train" and self.config.sample.classifier_scale > 0:
             self.load_guidance_classifier(self.mesh)
+        path = self.config.get("init", {}).get("from_diffusers", "")
+        if mode == "train" and path and not workdir_lib.has_checkpoints(workdir):
+            self.load_pretrained(path)
+
+    def load_pretrained(self, path: str) -> None:
+        """Reads init.from_diffusers's weights (checked against the model's shapes); the
+        next ``create_state`` starts from them (params and EMA)."""
+        field = "config.init.from_diffusers"
+        try:
+            _, variables, info = load_unet2d(path, num_train_timesteps=self.schedule.num_steps)
+        except DiffusersFormatError as e:
+            raise ConfigError(f"{field}={path!r}: {e}") from None
+        params = jax.device_get(variables["params"])
+        want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.abstract_state["params"])
+        have = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params)
+        if want != have:
+            raise ConfigError(
+                f"{field}={path!r}: its weights do not fit the model the config builds "
+                "(parameter names or shapes differ); the model section must be the folder's."
+            )
+        logging.info(
+            "Starting from %s (%.2fM parameters%s).",
+            info.weights_file,
+            sum(np.size(x) for x in jax.tree.leaves(params)) / 1e6,
+            ", legacy attention names" if info.legacy_attention_names else "",
+        )
+        self.pretrained_params = params
+
+    def create_state(self, *args, **kwargs):
+        state = super().create_state(*args, **kwargs)
+        pretrained = getattr(self, "pretrained_params", None)
+        if pretrained is None:
+            return state
+        return {
+            **state,
+            "params": jax.device_put(pretrained, self.state_shardings["params"]),
+            "ema_params": jax.device_put(pretrained, self.state_shardings["ema_params"]),
+        }
 
     def load_guidance_classifier(self, mesh) -> None:
         """Loads and checks sample.classifier_workdir's classifier for classifier guidance."""
