@@ -33,6 +33,8 @@ METRICS = {
     "accuracy": "accuracy",
     "zero_shot": "zero_shot",
     "reconstruction": "reconstruction",
+    "psnr": "upsampling",
+    "ssim": "upsampling",
 }
 
 
