@@ -14,6 +14,8 @@ in docs/BENCHMARKS.md "Cascades": 2-core CPU, shared). The default is the cpu ne
 trained longer.
 """
 
+from ml_collections import ConfigDict
+
 from diffax_lab.config_lib import base
 
 
@@ -22,7 +24,7 @@ def get_config(arg: str | None = None):
         raise ValueError(f"Unknown variant {arg!r} of configs/superres.py; choose '', tiny, cpu.")
     config = base("ddpm", "tiny" if arg == "tiny" else "cpu")
     config.task = "superres"
-    config.superres = config.__class__()
+    config.superres = ConfigDict()
     config.superres.factor = 2  # high resolution = data.image_size, low = image_size / factor
     config.superres.aug_max = 0.5  # training draws the augmentation level s ~ U[0, aug_max]
     config.model.cond_dim = 16  # width of the level's sinusoidal embedding (the cond vector)
