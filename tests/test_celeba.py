@@ -3,12 +3,11 @@ synthetic folder in the original layout through configs/celeba.py:tiny."""
 
 import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffax_lab import config_lib, sharding
+from diffax_lab import config_lib
 from diffax_lab.data import celeba
 from diffax_lab.data.captions import read_celeba_attributes
 from diffax_lab.modes import sample, train
@@ -55,24 +54,20 @@ def test_synthetic_folder_has_the_original_layout(tmp_path):
     assert crop.shape == (2, 178, 178, 3)
 
 
-def random_clip(directory, channels=3):
-    """A random-weight lab CLIP (configs/clip.py:tiny) in Hugging Face layout."""
-    config = config_lib.load_config("clip.py:tiny")
-    config.data.channels = channels
-    task = registry.build(config, sharding.make_mesh(1))
-    params = task.init_params(jax.random.PRNGKey(0))
-    return task.export(params, str(directory))
-
-
 @pytest.mark.slow
 def test_synthetic_celeba_trains_and_samples(tmp_path):
+    """The 2x upsampler of the recipe on the synthetic folder (configs/celeba.py:tiny,up):
+    the folder source reads the original layout, trains, and draws (the text2img base on
+    the same folder is the text2img task's own test, with a CLIP)."""
     folder, _ = celeba.write_synthetic(str(tmp_path / "celeba"), n=12, size=24)
-    config = config_lib.load_config("celeba.py:tiny")
+    config = config_lib.load_config("celeba.py:tiny,up")
     config.data.dir = folder
-    config.text.clip_dir = random_clip(tmp_path / "clip")
     assert config.diffusion.schedule == "cosine" and config.diffusion.num_timesteps == 100
     workdir = str(tmp_path / "run")
     train.run(config, workdir)
     out = sample.run(config, workdir)
-    assert out["samples"].shape == (2, 8, 8, 3)
-    assert os.path.exists(out["prompt_grid"])
+    assert out["samples"].shape == (2, 16, 16, 3)
+    assert os.path.exists(out["rows"])
+    base = config_lib.load_config("celeba.py:tiny")  # the base's config checks out too
+    base.data.dir = folder
+    assert registry.check_config(base).name == "text2img"
