@@ -272,3 +272,24 @@ def test_cascade_refuses_training_and_mismatched_stages(cascade_runs, tiny_data)
     bad.cascade.upsampler_workdirs = (runs["up"],)  # 8 px base into a 16 -> 32 upsampler
     with pytest.raises(ConfigError, match="takes"):
         sample_mode.run(bad, str(runs["root"] / "bad"))
+
+
+@pytest.mark.slow
+def test_unclip_cascade_text_prior_decoder(tiny_data, tmp_path):
+    """text -> prior -> text2img decoder, wired through the cascade (random weights)."""
+    clip_cfg = config_lib.load_config("clip.py:tiny")
+    clip_task = registry.build(clip_cfg, sharding.make_mesh(1))
+    clip_dir = clip_task.export(clip_task.init_params(jax.random.PRNGKey(0)), str(tmp_path))
+    t2i = small("text2img", tiny_data, **{"text.clip_dir": clip_dir})
+    prior = small("prior", tiny_data, **{"text.clip_dir": clip_dir})
+    runs = {
+        "t2i": random_weight_run(t2i, tmp_path / "t2i"),
+        "prior": random_weight_run(prior, tmp_path / "prior"),
+    }
+    config = small("cascade", tiny_data, **{"data.image_size": 28})
+    k = config.cascade
+    k.base_workdir, k.prior_workdir, k.upsampler_workdirs = runs["t2i"], runs["prior"], ()
+    k.samplers, k.steps, k.guidance, k.aug_levels = ("ddim",), (2,), (1.0,), ()
+    k.prompts, k.prior_steps = ("a photo of a bag", "a photo of a sneaker"), 2
+    out = sample_mode.run(config, str(tmp_path / "c"))
+    assert out["samples"].shape == (4, 28, 28, 1) and out["samples"].std() > 0
