@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
         raise ValueError(f"Unknown variant {arg!r} of configs/upsampler.py; choose '', tiny, cpu.")
     config = base("ddpm", "tiny" if arg == "tiny" else "cpu")
     config.task = "upsampler"
-    config.model.name = "srresnet"  # informative: the upsampler task builds its SRResNet
+    config.model.name = "srresnet"  # models/srresnet.py, from the upsampler section
     config.upsampler = ConfigDict()
     config.upsampler.factor = 2  # high resolution = data.image_size, low = image_size / factor
     config.upsampler.features = 64

@@ -16,6 +16,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from diffax_lab.models import register_model
+
 
 def pixel_shuffle(x, r: int = 2):
     """[B, h, w, r^2 C] -> [B, r h, r w, C] (depth-to-space, PyTorch's PixelShuffle order)."""
@@ -58,3 +60,17 @@ class SRResNet(nn.Module):
             y = nn.PReLU()(pixel_shuffle(nn.Conv(4 * self.features, (3, 3))(y), 2))
         out = nn.Conv(self.out_channels, (9, 9), kernel_init=nn.initializers.zeros)(y)
         return base + out
+
+
+@register_model("srresnet")
+def build_srresnet(config) -> SRResNet:
+    """The SRResNet of an ``upsampler`` section (registered when this module is imported,
+    as tasks/upsampler.py does)."""
+    u = config.upsampler
+    return SRResNet(
+        out_channels=config.data.channels,
+        features=u.features,
+        num_blocks=u.num_blocks,
+        factor=u.factor,
+        groups=u.groups,
+    )

@@ -24,7 +24,7 @@ from diffax_lab.config_lib import check_choice, check_number
 from diffax_lab.data import load_split, pipeline
 from diffax_lab.diffusion import conditioning
 from diffax_lab.errors import ConfigError
-from diffax_lab.models.srresnet import SRResNet
+from diffax_lab.models.srresnet import build_srresnet
 from diffax_lab.tasks.base import Task
 from diffax_lab.tasks.denoising import check_sample_metric_fields
 from diffax_lab.tasks.registry import register
@@ -75,13 +75,7 @@ class UpsamplerTask(Task):
         u = self.config.upsampler
         self.factor = u.factor
         self.low_size = self.config.data.image_size // u.factor
-        self.model = SRResNet(
-            out_channels=self.config.data.channels,
-            features=u.features,
-            num_blocks=u.num_blocks,
-            factor=u.factor,
-            groups=u.groups,
-        )
+        self.model = build_srresnet(self.config)
 
     def default_metrics(self):
         judge = ("fd",) if self.config.eval.judge_workdir else ()
