@@ -10,6 +10,7 @@ import pytest
 
 from diffax_lab import checkpointing, config_lib, sharding
 from diffax_lab import workdir as workdir_lib
+from diffax_lab.data import pipeline
 from diffax_lab.data.idx import write_idx
 from diffax_lab.diffusion import conditioning
 from diffax_lab.errors import ConfigError
@@ -242,15 +243,20 @@ def test_cascade_runs_every_stage_deterministically(cascade_runs, tiny_data):
     first = sample_mode.run(config, workdir)
     assert [s.shape[1] for s in first["stages"]] == [8, 16, 32]
     assert os.path.exists(first["stages_grid"])
-    # The same seed again, now from the workdir's own config.json (as --config left out).
-    again = sample_mode.run(config_lib.load_run_config(workdir), workdir)
-    for a, b in zip(first["stages"], again["stages"], strict=True):
-        np.testing.assert_array_equal(a, b)
-    # The upsampler stage sees the base's output: another base seed changes it.
-    other = sample_mode.run(
-        config_lib.apply_overrides(config, {"sample.seed": 1}), str(runs["root"] / "c2")
-    )
-    assert not np.array_equal(other["stages"][1], first["stages"][1])
+    # The same seed again, from the workdir's own config.json (as with --config left out).
+    saved = config_lib.load_run_config(workdir)
+    task = registry.check_config(saved)(saved, sharding.make_mesh(1))
+    task.load_resources(workdir, "sample")
+    key = jax.random.PRNGKey(saved.sample.seed)
+    again, _ = task.run_stages(4, key)
+    for a, b in zip(first["stages"], again, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(pipeline.to_uint8(b)))
+    # The super-resolution stage sees its input: the same key on another base draw differs.
+    other, _ = task.run_stages(4, jax.random.PRNGKey(1))
+    sr, params, _ = task.stages[1]
+    k = jax.random.fold_in(key, 1)
+    np.testing.assert_array_equal(sr.upsample(params, again[0], k), again[1])
+    assert not np.allclose(sr.upsample(params, other[0], k), again[1], atol=1e-3)
 
 
 def test_cascade_with_other_samplers(cascade_runs, tiny_data):
