@@ -11,13 +11,16 @@ The first --mode=sample writes the cascade's config.json and a weightless step-0
 into its workdir (the modes restore one before sampling); --mode=train is refused. Output:
 samples/cascade.png (the last stage) and samples/cascade_stages.png (one row per stage).
 ``--mode=eval --config.eval.judge_workdir=JUDGE28`` gives FD/KID/PR of the final images.
-unCLIP (text -> prior -> decoder -> upsampler): variant ``unclip`` (configs/prior.py).
+unCLIP (text -> prior -> decoder -> upsampler): variant ``unclip`` (configs/prior.py);
+its --mode=eval reports the CLIP score against own and shuffled prompts, and with
+``--config.cascade.prior_workdir=''`` the same for text -> decoder directly.
 Variant ``tiny``: the tests' 8 -> 16 px stages.
 """
 
 from ml_collections import ConfigDict
 
 from diffax_lab.config_lib import base
+from diffax_lab.data.captions import FASHION_MNIST_CLASSES
 
 
 def get_config(arg: str | None = None):
@@ -65,4 +68,12 @@ def get_config(arg: str | None = None):
             "a photo of a sneaker",
             "a photo of a bag",
         )
+        # --mode=eval: CLIP score (own vs shuffled prompts) of samples drawn from
+        # text.template with each class name in turn; leave prior_workdir empty ('') for
+        # text -> decoder directly.
+        config.text = ConfigDict()
+        config.text.class_names = FASHION_MNIST_CLASSES
+        config.text.template = "a photo of a {}"
+        config.eval.metrics = ("clip_score",)
+        config.eval.num_samples = 200
     return config

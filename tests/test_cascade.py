@@ -15,6 +15,7 @@ from diffax_lab.data.idx import write_idx
 from diffax_lab.diffusion import conditioning
 from diffax_lab.errors import ConfigError
 from diffax_lab.metrics.image_quality import gaussian_window, psnr, ssim
+from diffax_lab.modes import evaluate as evaluate_mode
 from diffax_lab.modes import sample as sample_mode
 from diffax_lab.modes import train as train_mode
 from diffax_lab.tasks import registry
@@ -282,7 +283,8 @@ def test_cascade_refuses_training_and_mismatched_stages(cascade_runs, tiny_data)
 
 @pytest.mark.slow
 def test_unclip_cascade_text_prior_decoder(tiny_data, tmp_path):
-    """text -> prior -> text2img decoder, wired through the cascade (random weights)."""
+    """text -> prior -> text2img decoder through the cascade (random weights), scored by
+    the clip_score evaluator as --mode=eval does."""
     clip_cfg = config_lib.load_config("clip.py:tiny")
     clip_task = registry.build(clip_cfg, sharding.make_mesh(1))
     clip_dir = clip_task.export(clip_task.init_params(jax.random.PRNGKey(0)), str(tmp_path))
@@ -297,5 +299,9 @@ def test_unclip_cascade_text_prior_decoder(tiny_data, tmp_path):
     k.base_workdir, k.prior_workdir, k.upsampler_workdirs = runs["t2i"], runs["prior"], ()
     k.samplers, k.steps, k.guidance, k.aug_levels = ("ddim",), (2,), (1.0,), ()
     k.prompts, k.prior_steps = ("a photo of a bag", "a photo of a sneaker"), 2
-    out = sample_mode.run(config, str(tmp_path / "c"))
-    assert out["samples"].shape == (4, 28, 28, 1) and out["samples"].std() > 0
+    unclip = config_lib.load_config("cascade.py:unclip")
+    config.text, config.eval.metrics = unclip.text, ("clip_score",)
+    # --mode=eval draws from the class prompts through prior and decoder, CLIP-scores them.
+    report = evaluate_mode.run(config, str(tmp_path / "c"))
+    assert report["prior"] and report["num_generated"] == config.eval.num_samples
+    assert 0.0 <= report["clip_score"] <= 100.0 and "clip_score_shuffled" in report

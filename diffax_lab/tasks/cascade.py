@@ -59,7 +59,7 @@ def _entry(values, i, default):
 class CascadeTask(Task):
     name = "cascade"
     can_sample = True
-    metrics = ("fd", "kid", "pr")
+    metrics = ("fd", "kid", "pr", "clip_score")
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -96,6 +96,18 @@ class CascadeTask(Task):
                 )
         if k.prior_workdir and not tuple(k.prompts):
             raise ConfigError("config.cascade.prior_workdir needs config.cascade.prompts.")
+        if "clip_score" in tuple(config.eval.get("metrics", ())):
+            text = config.get("text", None)
+            if (
+                text is None
+                or not tuple(text.get("class_names", ()))
+                or "{}" not in text.get("template", "")
+            ):
+                raise ConfigError(
+                    "config.eval.metrics asks for 'clip_score' of a cascade: give config.text "
+                    "with class_names and a template ('a photo of a {}'), as configs/"
+                    "cascade.py:unclip does; its base must be a text2img run."
+                )
         if "sample" not in config or config.sample.num < 1:
             raise ConfigError("config.sample.num must be >= 1: the images the cascade draws.")
         check_sample_metric_fields(config)
@@ -223,14 +235,15 @@ class CascadeTask(Task):
             names.append(name)
         return names
 
-    def base_conditions(self, num: int, key):
-        """The base's conditions: text2img: the prompts' CLIP text embeddings, or with a
-        prior the image embeddings it draws for them; else the base's own (labels)."""
+    def base_conditions(self, num: int, key, prompts=None):
+        """The base's conditions: text2img: the CLIP text embeddings of ``prompts`` (default
+        cascade.prompts, in turn), or with a prior the image embeddings it draws for them;
+        else the base's own (labels)."""
         base = self.stages[0][0]
-        k = self.config.cascade
         if base.name != "text2img":
             return None
-        prompts = [k.prompts[i % len(k.prompts)] for i in range(num)]
+        prompts = list(prompts or self.config.cascade.prompts)
+        prompts = [prompts[i % len(prompts)] for i in range(num)]
         emb = base.encoder.embed_texts(prompts)
         if self.prior is None:
             return emb
@@ -238,12 +251,12 @@ class CascadeTask(Task):
         out, _, _ = prior.generate(params, num, jax.random.fold_in(key, 99), labels=emb)
         return prior.normalise(out)
 
-    def run_stages(self, num: int, key):
+    def run_stages(self, num: int, key, prompts=None):
         """[per stage: float images [-1, 1]] and [per stage: seconds]."""
         outs, secs = [], []
         base, params, _ = self.stages[0]
         t0 = time.perf_counter()
-        cond = self.base_conditions(num, key)
+        cond = self.base_conditions(num, key, prompts)
         x, _, _ = base.generate(params, num, jax.random.fold_in(key, 0), labels=cond)
         outs.append(np.asarray(x))
         secs.append(time.perf_counter() - t0)
@@ -289,15 +302,36 @@ class CascadeTask(Task):
         }
 
     def eval_samples(self, params, num, key):
-        outs, secs = self.run_stages(num, key)
+        """The final stage's images; a text2img base draws from the class prompts
+        (text.template with each of text.class_names in turn) when config.text is given,
+        so that the judge's accuracy and the CLIP score know the class asked."""
+        prompts = self.class_prompts() if "text" in self.config else None
+        outs, secs = self.run_stages(num, key, prompts)
         info = {
             "stages": self.stage_names(),
             "stage_seconds": [float(s) for s in secs],
+            "prior": bool(self.prior),
         }
         return np.asarray(pipeline.to_uint8(outs[-1])), self.requested_labels(num), info
 
     def requested_labels(self, num):
         base = self.stages[0][0]
-        if base.name == "text2img" or not getattr(base, "num_labels", 0):
+        if base.name == "text2img":
+            return np.arange(num) % len(self.class_prompts()) if "text" in self.config else None
+        if not getattr(base, "num_labels", 0):
             return None
         return base.requested_labels(num)
+
+    # ----- the clip_score evaluator's hooks (a text2img base's CLIP) -----
+    def class_prompts(self) -> list[str]:
+        t = self.config.text
+        return [t.template.format(n) for n in t.class_names]
+
+    @property
+    def encoder(self):
+        return self.stages[0][0].encoder
+
+    independent_encoder = None
+
+    def image_embeddings(self, encoder, images_u8, split: str, workdir: str):
+        return self.stages[0][0].image_embeddings(encoder, images_u8, split, workdir)
