@@ -29,6 +29,11 @@ def get_config(arg: str | None = None):
     config.superres.aug_max = 0.5  # training draws the augmentation level s ~ U[0, aug_max]
     config.model.cond_dim = 16  # width of the level's sinusoidal embedding (the cond vector)
     config.sample.aug_level = 0.0  # s at sampling: the low-res input is noised to this level
+    # v prediction: with eps prediction the cpu network, after 800 steps, used the low-res
+    # input at mid noise (eps MSE 0.008 vs 0.041 without it, t = 0.5) but its samples kept
+    # little of it (PSNR 12.2 dB, below bicubic's 19.2): at high noise an eps error is
+    # amplified by sqrt(1 - abar) / sqrt(abar) in x0, where the low-res content is decided.
+    config.diffusion.prediction = "v"
     config.data.image_size = 28
     config.model.attention_resolutions = ()
     config.train.sample_every = 0
