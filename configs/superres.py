@@ -9,7 +9,7 @@ Commands:
 (JUDGE28: configs/classifier.py:clean trained with --config.data.image_size=28.)
 The low-resolution input is the 2x2 area mean of each training image; training noises it to
 s ~ U[0, superres.aug_max] and tells the U-Net s; sampling uses sample.aug_level.
-Variants: ``tiny`` (the tests' 8 -> 16 px size), ``cpu`` (0.3M parameters, 28x28; measured
+Variants: ``tiny`` (the tests' 8 -> 16 px size), ``cpu`` (0.17M parameters, 28x28; measured
 in docs/BENCHMARKS.md "Cascades": 2-core CPU, shared). The default is the cpu network
 trained longer.
 """
