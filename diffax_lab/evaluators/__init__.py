@@ -35,6 +35,8 @@ METRICS = {
     "reconstruction": "reconstruction",
     "fid_inception": "inception",
     "kid_inception": "inception",
+    "psnr": "upsampling",
+    "ssim": "upsampling",
 }
 
 
