@@ -1,0 +1,90 @@
+"""Every notebooks/NN_*.py runs to the end at small parameters; a failing cell fails it.
+
+How CI runs a notebook (docs/ARCHITECTURE.md, "Notebooks"): the jupytext py:percent file is
+read with jupytext, papermill injects the small parameters after its ``parameters`` cell
+(the same ``injected-parameters`` cell ``papermill -p`` writes), and the cells run in order
+in this process, so the suite pays no kernel start-up and the notebooks share the tests'
+compiled functions. Every notebook receives the same parameters (a notebook uses those it
+needs): ``small=True`` (the notebook itself picks its small sizes), ``root`` (a temporary
+directory for its runs), ``data_dir`` (the tests' fake Fashion-MNIST), ``model_workdir``
+(the tests' shared tiny diffusion run). A new notebook needs no edit here.
+``make notebooks`` runs the same files through papermill with a Jupyter kernel at their
+full-size defaults.
+"""
+
+import glob
+import os
+import shutil
+
+import jupytext
+import matplotlib
+import pytest
+from papermill.parameterize import parameterize_notebook
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.py")))
+
+
+class CellError(RuntimeError):
+    pass
+
+
+def execute(path: str, parameters: dict) -> dict:
+    """Runs the notebook's code cells with ``parameters`` injected; returns its namespace.
+    CellError names the failing cell's number and first line."""
+    nb = jupytext.read(path)
+    if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
+        raise CellError(f'{path} has no `# %% tags=["parameters"]` cell.')
+    nb.metadata.setdefault("papermill", {})  # what papermill's own loader adds
+    for c in nb.cells:
+        c.metadata.setdefault("tags", [])
+    nb = parameterize_notebook(nb, parameters)
+    namespace = {"__name__": "__main__"}
+    try:
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            try:
+                exec(compile(cell.source, f"{os.path.basename(path)}[cell {i}]", "exec"), namespace)
+            except Exception as e:
+                first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
+                raise CellError(f"{os.path.basename(path)} cell {i} ({first!r}): {e!r}") from e
+    finally:
+        plt.close("all")
+    return namespace
+
+
+def test_every_notebook_has_a_parameters_cell_with_small_false():
+    assert len(NOTEBOOKS) >= 5
+    for path in NOTEBOOKS:
+        cells = jupytext.read(path).cells
+        params = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1 and "small = False" in params[0].source, path
+
+
+def test_a_failing_cell_fails_the_run(tmp_path):
+    src = os.path.join(ROOT, "notebooks", "01_forward_process.py")
+    broken = tmp_path / "99_broken.py"
+    text = open(src).read().replace(
+        "# %% [markdown]\n# ## ᾱ(t) and log-SNR", "# %%\n1 / 0\n\n# %% [markdown]\n# ## x", 1
+    )
+    assert "1 / 0" in text
+    broken.write_text(text)
+    with pytest.raises(CellError, match="ZeroDivisionError"):
+        execute(str(broken), {"small": True})
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p)[:-3] for p in NOTEBOOKS])
+def test_notebook_runs_at_small_parameters(path, tiny_data, tiny_run, tmp_path):
+    model_workdir = str(tmp_path / "model")
+    shutil.copytree(tiny_run[1], model_workdir)
+    params = {
+        "small": True,
+        "root": str(tmp_path / "runs"),
+        "data_dir": str(tiny_data),
+        "model_workdir": model_workdir,
+    }
+    execute(path, params)
