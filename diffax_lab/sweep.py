@@ -70,6 +70,13 @@ def point_config(cfg, point: dict):
     return config_lib.apply_string_overrides(copy.deepcopy(cfg), point)
 
 
+def typed_point(cfg, point: dict) -> dict:
+    """The point's values as the config holds them (``"()"`` from the command line -> ()),
+    so a point has one name however it was written; unknown fields are refused."""
+    c = point_config(cfg, point)
+    return {k: config_lib.get_field(c, k) for k in point}
+
+
 def report_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "eval", f"step_{step:06d}.json")
 
@@ -147,11 +154,9 @@ def run(cfg, grid, root: str, evaluate: bool = True, steps=None, log=print):
     """Every point of ``grid`` (a dict of lists: their product; or a list of dicts) trained
     and evaluated under ``root`` (at each of ``steps`` when given, else at train.num_steps);
     finished points are skipped. Returns ``collect``'s table."""
-    points = grid_points(grid)
+    points = [typed_point(cfg, p) for p in grid_points(grid)]  # checked before any training
     if not points:
         raise ConfigError("The sweep has no points: give --grid or --point.")
-    for p in points:  # every point's overrides are checked before anything trains
-        point_config(cfg, p)
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise ConfigError(f"Two sweep points share a directory name: {names}.")
