@@ -35,7 +35,17 @@ from diffax_lab.modes import common
 from diffax_lab.modes import train as train_mode
 from diffax_lab.tasks import registry
 
-__all__ = ["Run", "config", "load", "metrics_frame", "evaluations_frame", "show", "sweep", "train"]
+__all__ = [
+    "Run",
+    "config",
+    "evaluations_frame",
+    "grid_figure",
+    "load",
+    "metrics_frame",
+    "show",
+    "sweep",
+    "train",
+]
 
 
 # ----- configs -----
@@ -316,9 +326,17 @@ def sweep(cfg, grid: dict, root: str, **kwargs):
 
 
 # ----- pictures -----
-def show(images, titles=None, ncols: int | None = None, size: float = 1.2, title=None):
-    """A grid of uint8 images [N, H, W, C] (or [N, H, W]) inline; returns the figure.
-    ``titles``: one caption per image (e.g. the times of a strip)."""
+def show(images, titles=None, ncols: int | None = None, size: float = 1.2, title=None) -> None:
+    """A grid of uint8 images [N, H, W, C] (or [N, H, W]) inline (``grid_figure`` for the
+    figure itself). ``titles``: one caption per image (e.g. the times of a strip)."""
+    import matplotlib.pyplot as plt
+
+    grid_figure(images, titles, ncols, size, title)
+    plt.show()
+
+
+def grid_figure(images, titles=None, ncols: int | None = None, size: float = 1.2, title=None):
+    """The matplotlib figure of ``show``'s grid, not shown."""
     import matplotlib.pyplot as plt
 
     x = np.asarray(images)
@@ -338,5 +356,4 @@ def show(images, titles=None, ncols: int | None = None, size: float = 1.2, title
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    plt.show()
     return fig

@@ -95,6 +95,7 @@ if small:
     FULL["model.attention_resolutions"] = (4,)
     arms["full"]["model.attention_resolutions"] = (4,)
     steps = (1, 2)
+    judge_workdir = ""  # a judge at 8x8 is not worth its training time here
 if data_dir:
     base["data.dir"] = data_dir
 if not judge_workdir:

@@ -106,3 +106,14 @@ def test_sweep_trains_each_point_resumes_and_collects(tiny_data, tmp_path):
     with open(os.path.join(point, "metrics.jsonl")) as f:
         assert [json.loads(x)["step"] for x in f] == [1, 2]  # resumed at 1, not restarted
     assert np.allclose(df2["test_loss"], df["test_loss"])  # resumed run is bit-identical
+
+
+def test_grid_figure_lays_out_images_with_titles():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x = np.zeros((5, 4, 4, 1), np.uint8)
+    fig = api.grid_figure(x, titles=list("abcde"), ncols=3)
+    assert len(fig.axes) == 6  # 2 rows of 3, the last one empty
+    assert [ax.get_title() for ax in fig.axes[:5]] == list("abcde")
+    assert len(fig.axes[5].images) == 0

@@ -65,18 +65,58 @@ def test_every_notebook_has_a_parameters_cell_with_small_false():
         assert len(params) == 1 and "small = False" in params[0].source, path
 
 
+BROKEN = """# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %%
+ran = []
+
+# %% tags=["parameters"]
+small = False
+
+# %%
+ran.append(small)
+
+# %%
+1 / 0
+
+# %%
+ran.append("after")
+"""
+
+
 def test_a_failing_cell_fails_the_run(tmp_path):
-    src = os.path.join(ROOT, "notebooks", "01_forward_process.py")
-    broken = tmp_path / "99_broken.py"
-    text = open(src).read().replace(
-        "# %% [markdown]\n# ## ᾱ(t) and log-SNR", "# %%\n1 / 0\n\n# %% [markdown]\n# ## x", 1
-    )
-    assert "1 / 0" in text
-    broken.write_text(text)
-    with pytest.raises(CellError, match="ZeroDivisionError"):
-        execute(str(broken), {"small": True})
+    path = tmp_path / "99_broken.py"
+    path.write_text(BROKEN)
+    with pytest.raises(CellError, match=r"cell 4 .*ZeroDivisionError") as e:
+        execute(str(path), {"small": True})
+    assert isinstance(e.value.__cause__, ZeroDivisionError)
+    fixed = tmp_path / "98_fixed.py"
+    fixed.write_text(BROKEN.replace("1 / 0", "pass"))
+    namespace = execute(str(fixed), {"small": True})
+    assert namespace["ran"] == [True, "after"]  # the injected parameter reached the cells
 
 
+@pytest.mark.slow
+def test_papermill_in_a_kernel_fails_on_a_broken_cell(tmp_path):
+    """What `make notebooks` runs: papermill executing the converted notebook in a kernel."""
+    import jupytext
+    import papermill
+
+    path = tmp_path / "broken.ipynb"
+    jupytext.write(jupytext.reads(BROKEN, fmt="py:percent"), str(path))
+    with pytest.raises(papermill.PapermillExecutionError, match="ZeroDivisionError"):
+        papermill.execute_notebook(
+            str(path), str(tmp_path / "out.ipynb"), parameters={"small": True}, progress_bar=False
+        )
+
+
+@pytest.mark.slow  # each trains or samples a tiny model: seconds on an idle machine
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p)[:-3] for p in NOTEBOOKS])
 def test_notebook_runs_at_small_parameters(path, tiny_data, tiny_run, tmp_path):
     model_workdir = str(tmp_path / "model")
