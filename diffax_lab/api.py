@@ -129,8 +129,7 @@ class Run:
         if key not in self._tasks:
             registry.check_config(cfg)
             task = registry.build(cfg, self.mesh)
-            if getattr(self.task, "encoder", None) is not None:  # frozen text encoder
-                task.encoder = self.task.encoder
+            task.load_resources(self.workdir, "eval")  # frozen encoders, as --mode=eval
             self._tasks[key] = task
         task = self._tasks[key]
         if task.config.sample.get("classifier_scale", 0) > 0 and task.classifier is None:
@@ -230,6 +229,7 @@ class Run:
             labels=labels,
             num_trajectory=num,
             guidance_scale=s.guidance_scale,
+            classifier_scale=s.classifier_scale,
         )
         frames = np.concatenate(
             [np.asarray(pipeline.to_uint8(traj[:, 0])), np.asarray(pipeline.to_uint8(imgs[:1]))]
@@ -273,7 +273,19 @@ class Run:
         ):
             if v is not None:
                 o[f"sample.{field}"] = v
+        # Guidance weights are arguments of the compiled sampler: one task serves them all.
+        s0 = self.config.sample
+        scales = {  # always both: a cached task keeps what the last call set
+            "sample.guidance_scale": o.pop("sample.guidance_scale", s0.guidance_scale),
+            "sample.classifier_scale": o.pop("sample.classifier_scale", s0.classifier_scale),
+        }
+        if scales.get("sample.classifier_scale"):
+            o["sample.classifier_scale"] = 1.0  # guided: the classifier attached
+        full = with_overrides(self.config, {**o, **scales})
+        registry.check_config(full)
         task = self.task_for(o)
+        for k, v in scales.items():
+            task.config.sample[k.split(".")[1]] = float(v)
         cfg = task.config
         names = task.selected_metrics()
         judge = self._judge(cfg) if evaluators.needs_judge(names) else None
