@@ -94,7 +94,7 @@ if small:
     arms = {k: arms[k] for k in ("baseline", "full")}
     FULL["model.attention_resolutions"] = (4,)
     arms["full"]["model.attention_resolutions"] = (4,)
-    steps = (1, 2)
+    steps = (2,)  # one training stage: each stage recompiles the step
     judge_workdir = ""  # a judge at 8x8 is not worth its training time here
 if data_dir:
     base["data.dir"] = data_dir
