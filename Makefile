@@ -9,7 +9,7 @@ endif
 WORKDIR ?= workdirs/ddpm
 CONFIG ?= configs/ddpm.py
 
-.PHONY: setup setup-test train test test-fast check lint
+.PHONY: setup setup-test train test test-fast check lint notebooks
 
 $(CURDIR)/.venv/bin/python:
 	python3 -m venv $(CURDIR)/.venv
@@ -38,3 +38,20 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -c "from importlinter.cli import lint_imports_command as l; l()"
+
+# Notebooks (notebooks/NN_*.py, jupytext py:percent): each converted to .ipynb, executed by
+# papermill in a Jupyter kernel at its full-size defaults (or NB_PARAMS, e.g.
+# NB_PARAMS='-p small True'), rendered to docs/notebooks/NAME.md + NAME_files/*.png.
+# One notebook: make notebooks NOTEBOOKS=notebooks/01_forward_process.py
+NOTEBOOKS ?= $(wildcard notebooks/[0-9][0-9]_*.py)
+NB_PARAMS ?=
+NB_BUILD ?= build/notebooks
+notebooks:
+	mkdir -p $(NB_BUILD) docs/notebooks
+	set -e; for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb .py); \
+	  $(PYTHON) -m jupytext --to ipynb --output $(NB_BUILD)/$$name.ipynb $$nb; \
+	  $(PYTHON) -m papermill --cwd $(CURDIR) $(NB_PARAMS) $(NB_BUILD)/$$name.ipynb $(NB_BUILD)/$$name.run.ipynb; \
+	  $(PYTHON) -m jupyter nbconvert --to markdown --output-dir docs/notebooks --output $$name $(NB_BUILD)/$$name.run.ipynb; \
+	done
+	$(PYTHON) -m ruff format docs/notebooks  # the rendered code blocks, as `make lint` checks them

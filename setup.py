@@ -27,6 +27,13 @@ setup(
             "pytest-xdist>=3.5,<4",
             "ruff>=0.6,<0.20",
             "import-linter>=2.1,<3",
+            # Notebooks (diffax_lab/api.py, notebooks/, `make notebooks`):
+            "pandas>=2.1,<4",
+            "matplotlib>=3.8,<4",
+            "jupytext>=1.16,<2",
+            "papermill>=2.6,<3",
+            "ipykernel>=6.29,<8",
+            "nbconvert>=7.16,<8",
         ],
         "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.16,<3"],
         "tensorboard": ["tensorboardX>=2.6,<3"],
@@ -37,6 +44,15 @@ setup(
         # downloads when online. The tests also use transformers' PyTorch CLIPModel (+ torch).
         "clip": ["transformers>=4.45,<6", "safetensors>=0.4,<1", "huggingface_hub>=0.24,<2"],
         # The tests beyond the peer and clip extras: torchmetrics' CLIP score (parity).
-        "test": ["torchmetrics>=1.7,<2"],
+        "test": [
+            "torchmetrics>=1.7,<2",
+            # tests/test_notebooks.py and tests/test_api.py:
+            "pandas>=2.1,<4",
+            "matplotlib>=3.8,<4",
+            "jupytext>=1.16,<2",
+            "papermill>=2.6,<3",
+        ],
+        # The notebook API alone (diffax_lab/api.py: DataFrames and inline grids).
+        "notebooks": ["pandas>=2.1,<4", "matplotlib>=3.8,<4"],
     },
 )

@@ -1,0 +1,119 @@
+"""The notebook API (diffax_lab/api.py) and sweeps (diffax_lab/sweep.py)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from diffax_lab import api, sweep
+from diffax_lab.errors import ConfigError
+from tests.helpers import SMALL_UNET, tiny_config
+
+
+def test_config_typed_overrides_on_a_copy_and_unknown_fields_refused():
+    cfg = api.config("ddpm:tiny", **{"train.num_steps": "7", "model.attention_resolutions": "()"})
+    assert cfg.train.num_steps == 7 and cfg.model.attention_resolutions == ()
+    other = api.config(cfg, **{"model.activation": "gelu", "optim.lr": 1})
+    assert other.model.activation == "gelu" and isinstance(other.optim.lr, float)
+    assert cfg.model.activation == "silu"  # the config handed in is not changed
+    with pytest.raises(ConfigError, match="Did you mean 'num_steps'"):
+        api.config("ddpm:tiny", **{"train.num_step": 3})
+    with pytest.raises(ConfigError, match="train.progress_bar"):
+        api.config("ddpm:tiny", **{"train.progress_bar": "maybe"})
+
+
+def test_load_sample_evaluate_and_strips_reuse_the_compiled_sampler(tiny_run):
+    _, workdir = tiny_run
+    run = api.load(workdir)
+    assert run.step == 4 and list(run.metrics["step"]) == [2, 4]
+    assert np.isfinite(run.metrics["loss"]).all()
+    x = run.sample(2, sampler="ddim", steps=2, seed=0)
+    assert x.shape == (2, 32, 32, 1) and x.dtype == np.uint8
+    n_tasks = len(run._tasks)
+    assert np.array_equal(run.sample(2, sampler="ddim", steps=2, seed=0), x)
+    assert not np.array_equal(run.sample(2, sampler="ddim", steps=2, seed=1), x)
+    assert len(run._tasks) == n_tasks  # same sampler, steps and batch: no new compile
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        run.sample(2, sampler="ddim", steps=2, guidance=2.0)  # no condition dropout
+    frames, times = run.reverse_strip(2, sampler="ddim", steps=2)
+    assert frames.shape == (3, 32, 32, 1) and times[-1] == 0 and np.all(np.diff(times) < 0)
+    fwd, ft = run.forward_strip(4)
+    assert fwd.shape == (4, 32, 32, 1) and ft[0] == 0 and np.all(np.diff(ft) > 0)
+    report = run.evaluate(metrics=("loss",))
+    assert report["step"] == 4 and np.isfinite(report["test_loss"])
+    assert not os.path.exists(os.path.join(workdir, "eval"))  # save=False writes nothing
+
+
+def test_two_configs_in_one_process_give_what_each_gives_alone(tiny_run):
+    _, workdir = tiny_run
+    kw = {"sampler": "ddim", "steps": 2, "seed": 3}
+    a = api.load(workdir)
+    xa = a.sample(2, **kw)
+    b = api.load(workdir, overrides={"diffusion.schedule": "cosine"})
+    xb = b.sample(2, **kw)
+    assert not np.array_equal(xa, xb)  # the schedule reached b's sampler
+    assert np.array_equal(a.sample(2, **kw), xa)  # and did not leak into a's
+    assert np.array_equal(api.load(workdir, {"diffusion.schedule": "cosine"}).sample(2, **kw), xb)
+
+
+def test_sweep_names_points_and_parses_the_command_line():
+    points = sweep.grid_points({"model.activation": ["silu", "gelu"], "seed": [0, 1]})
+    assert len(points) == 4 and points[1] == {"model.activation": "silu", "seed": 1}
+    assert sweep.point_name({"model.attention_resolutions": (), "model.activation": "gelu"}) == (
+        "attention_resolutions=none,activation=gelu"
+    )
+    assert sweep.split_list("[(),(16,),x]") == ["()", "(16,)", "x"]
+    spec, root, grid, pts, over, ev, steps = sweep.parse_args(
+        [
+            "--config=ddpm:tiny",
+            "--root",
+            "/tmp/r",
+            "--grid=model.attention_resolutions=[(),(16,)]",
+            "--point=model.activation=gelu;seed=2",
+            "--config.train.num_steps=3",
+            "--steps=1,3",
+        ]
+    )
+    assert grid == {"model.attention_resolutions": ["()", "(16,)"]}
+    assert pts == [{"model.activation": "gelu", "seed": "2"}] and over == {"train.num_steps": "3"}
+    assert (spec, root, ev, steps) == ("ddpm:tiny", "/tmp/r", True, [1, 3])
+    with pytest.raises(ConfigError, match="Did you mean"):
+        sweep.run(api.config("ddpm:tiny"), {"model.activaton": ["gelu"]}, "/nonexistent/x")
+    assert sweep.main(["--root=/tmp/x"]) == 2
+
+
+@pytest.mark.slow
+def test_sweep_trains_each_point_resumes_and_collects(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, **SMALL_UNET, **{"train.checkpoint_every": 1})
+    cfg.eval.metrics = ("loss",)
+    root = str(tmp_path / "sweep")
+    grid = {"train.log_every": [1, 2]}
+    df = sweep.run(cfg, grid, root, steps=[1, 2])
+    assert list(df["train.log_every"]) == [1, 1, 2, 2] and list(df["step"]) == [1, 2, 1, 2]
+    assert np.isfinite(df["test_loss"]).all()
+    assert os.path.exists(os.path.join(root, "results.csv"))
+    # Interrupt one point after step 1: its step-2 checkpoint and report are gone.
+    point = os.path.join(root, "log_every=2")
+    os.remove(os.path.join(point, "eval", "step_000002.json"))
+    import shutil
+
+    shutil.rmtree(os.path.join(point, "checkpoints", "2"))
+    logs = []
+    df2 = sweep.run(cfg, grid, root, steps=[1, 2], log=logs.append)
+    assert sum("skipped" in line for line in logs) == 3  # only the lost step was redone
+    assert "[sweep] log_every=2: training to step 2" in logs
+    with open(os.path.join(point, "metrics.jsonl")) as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 2]  # resumed at 1, not restarted
+    assert np.allclose(df2["test_loss"], df["test_loss"])  # resumed run is bit-identical
+
+
+def test_grid_figure_lays_out_images_with_titles():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x = np.zeros((5, 4, 4, 1), np.uint8)
+    fig = api.grid_figure(x, titles=list("abcde"), ncols=3)
+    assert len(fig.axes) == 6  # 2 rows of 3, the last one empty
+    assert [ax.get_title() for ax in fig.axes[:5]] == list("abcde")
+    assert len(fig.axes[5].images) == 0
