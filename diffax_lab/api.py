@@ -15,7 +15,10 @@ trains, the task's ``generate`` samples, the evaluators of ``modes.common`` eval
 keeps one task per sampling/evaluation setting (its jitted sampler with it), so repeated
 calls with the same sampler, steps and batch compile once; the guidance weight is an
 argument of the compiled sampler, not a constant of it. Nothing is global: every Run holds
-its own config copy, tasks and compiled functions.
+its own config copy, tasks and compiled functions. The one process-wide setting is JAX's
+persistent compilation cache (``diffax_lab.compilation``, as ``main`` does): importing this
+module points it at the user's cache directory ($DIFFAX_JAX_CACHE, ``off`` to disable), so a
+notebook restarted on the same config loads its compiled steps instead of compiling again.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import os
 import jax
 import numpy as np
 
-from diffax_lab import config_lib, evaluators, sharding
+from diffax_lab import compilation, config_lib, evaluators, sharding
+from diffax_lab import sweep as sweep_lib
 from diffax_lab.data import load_split, pipeline
 from diffax_lab.errors import ConfigError
 from diffax_lab.modes import common
+from diffax_lab.modes import evaluate as evaluate_mode
 from diffax_lab.modes import train as train_mode
 from diffax_lab.tasks import registry
 
@@ -46,6 +51,8 @@ __all__ = [
     "sweep",
     "train",
 ]
+
+compilation.enable_persistent_cache()
 
 
 # ----- configs -----
@@ -298,8 +305,6 @@ class Run:
         for ev in evals:
             report.update(ev.run(ctx))
         if save:
-            from diffax_lab.modes import evaluate as evaluate_mode
-
             tag = task.sample_tag() if ctx.sampled else ""
             evaluate_mode.write_report(self.workdir, self.step, report, tag or "api")
         return report
@@ -332,8 +337,6 @@ def train(cfg, workdir: str, progress: bool = True) -> Run:
 def sweep(cfg, grid: dict, root: str, **kwargs):
     """``diffax_lab.sweep.run``: one workdir a grid point, trained and evaluated (resumable);
     returns the DataFrame of their evaluations."""
-    from diffax_lab import sweep as sweep_lib
-
     return sweep_lib.run(cfg, grid, root, **kwargs)
 
 
