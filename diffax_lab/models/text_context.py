@@ -25,12 +25,14 @@ Not here: the cross-attention blocks (``transformer.py``), the pooled-embedding 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffax_lab.config_lib import check_number
 from diffax_lab.errors import ConfigError
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
 
@@ -105,6 +107,59 @@ class TokenTable:
         if missing:
             raise ValueError(f"Prompts not in the token table: {missing[:3]}.")
         return np.asarray([self.position[p] for p in prompts], np.int32)
+
+
+def check_text_conditioning(config) -> str:
+    """Checks text.conditioning and the model fields it needs; returns it."""
+    kind = config.text.get("conditioning", "pooled")
+    if kind not in CONDITIONINGS:
+        raise ConfigError(
+            f"config.text.conditioning={kind!r} must be one of {CONDITIONINGS}: 'pooled' "
+            "(a CLIP embedding vector, model.cond_dim) or 'tokens' (cross-attention to the "
+            "text encoder's token sequence, model.cross_attention_dim)."
+        )
+    if kind == "tokens":
+        check_number(config, "model.cross_attention_dim", low=1, integer=True)
+        check_number(config, "model.transformer_depth", low=1, integer=True)
+        if config.model.cond_dim:
+            raise ConfigError(
+                "config.text.conditioning='tokens' conditions through cross-attention only: "
+                "set config.model.cond_dim=0."
+            )
+    elif config.model.get("cross_attention_dim", 0):
+        raise ConfigError(
+            "config.model.cross_attention_dim > 0 needs config.text.conditioning='tokens'."
+        )
+    return kind
+
+
+def build_token_table(config, encoder: TokenEncoder, templates) -> TokenTable:
+    """The distinct prompts a token-conditioned task can meet, in this order: the class
+    prompts text.template (index = class label), each of ``templates`` for each class
+    (the training captions),
+    sample.prompts, and the empty prompt (the null condition)."""
+    t = config.text
+    if encoder.dim != config.model.cross_attention_dim:
+        raise ConfigError(
+            f"config.model.cross_attention_dim={config.model.cross_attention_dim} but the CLIP "
+            f"text encoder in config.text.clip_dir={t.clip_dir!r} is {encoder.dim} wide; set "
+            "them equal."
+        )
+    classes = [t.template.format(n) for n in t.class_names]
+    captions = [tpl.format(n) for tpl in templates for n in t.class_names]
+    return TokenTable(encoder, [*classes, *captions, *config.sample.get("prompts", ())])
+
+
+def conditional_view(config):
+    """``config`` as the generic checks of tasks/denoising.py should see it: they count a
+    model as conditional by model.num_classes or model.cond_dim only, so a copy with cond_dim
+    = cross_attention_dim stands in for a token-conditioned model (the hook they lack: count
+    model.cross_attention_dim too; then this goes)."""
+    if not config.model.get("cross_attention_dim", 0) or config.model.cond_dim:
+        return config
+    view = copy.deepcopy(config)
+    view.model.cond_dim = config.model.cross_attention_dim
+    return view
 
 
 class TokenConditioning:

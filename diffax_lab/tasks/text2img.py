@@ -43,10 +43,11 @@ from diffax_lab.metrics.features import reference_features
 from diffax_lab.models import compute_dtype
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
 from diffax_lab.models.text_context import (
-    CONDITIONINGS,
     TokenConditioning,
     TokenEncoder,
-    TokenTable,
+    build_token_table,
+    check_text_conditioning,
+    conditional_view,
 )
 from diffax_lab.tasks.denoising import DenoisingTask
 from diffax_lab.tasks.registry import register
@@ -115,46 +116,6 @@ class TextEncoder:
 
 
 @register
-def check_text_conditioning(config) -> str:
-    """Checks text.conditioning and the model fields it needs; returns it."""
-    kind = config.text.get("conditioning", "pooled")
-    if kind not in CONDITIONINGS:
-        raise ConfigError(
-            f"config.text.conditioning={kind!r} must be one of {CONDITIONINGS}: 'pooled' "
-            "(a CLIP embedding vector, model.cond_dim) or 'tokens' (cross-attention to the "
-            "text encoder's token sequence, model.cross_attention_dim)."
-        )
-    if kind == "tokens":
-        check_number(config, "model.cross_attention_dim", low=1, integer=True)
-        check_number(config, "model.transformer_depth", low=1, integer=True)
-        if config.model.cond_dim:
-            raise ConfigError(
-                "config.text.conditioning='tokens' conditions through cross-attention only: "
-                "set config.model.cond_dim=0."
-            )
-    elif config.model.get("cross_attention_dim", 0):
-        raise ConfigError(
-            "config.model.cross_attention_dim > 0 needs config.text.conditioning='tokens'."
-        )
-    return kind
-
-
-def token_table(config, encoder: TokenEncoder) -> TokenTable:
-    """The distinct prompts a token-conditioned task can meet, in this order: the class
-    prompts text.template (index = class label), every caption template of each class,
-    sample.prompts, and the empty prompt (the null condition)."""
-    t = config.text
-    if encoder.dim != config.model.cross_attention_dim:
-        raise ConfigError(
-            f"config.model.cross_attention_dim={config.model.cross_attention_dim} but the CLIP "
-            f"text encoder in config.text.clip_dir={t.clip_dir!r} is {encoder.dim} wide; set "
-            "them equal."
-        )
-    classes = [t.template.format(n) for n in t.class_names]
-    captions = [tpl.format(n) for tpl in TEMPLATES for n in t.class_names]
-    return TokenTable(encoder, [*classes, *captions, *config.sample.get("prompts", ())])
-
-
 @register
 class Text2ImgTask(TokenConditioning, DenoisingTask):
     name = "text2img"
@@ -167,7 +128,6 @@ class Text2ImgTask(TokenConditioning, DenoisingTask):
                 "config.eval.every_steps must be 0 for a text-conditional model; evaluate "
                 "its checkpoints with --mode=eval."
             )
-        super().check_config(config)
         if "text" not in config:
             raise ConfigError(
                 "config.task='text2img' conditions on CLIP embeddings: it needs a config.text "
@@ -175,6 +135,7 @@ class Text2ImgTask(TokenConditioning, DenoisingTask):
             )
         if check_text_conditioning(config) == "pooled":
             check_number(config, "model.cond_dim", low=1, integer=True)
+        super().check_config(conditional_view(config))
         if config.model.num_classes:
             raise ConfigError("config.model.num_classes must be 0 for text2img (it uses text).")
         prompts = tuple(config.sample.get("prompts", ()))
@@ -218,7 +179,8 @@ class Text2ImgTask(TokenConditioning, DenoisingTask):
         c = self.config
         self.encoder = TextEncoder(c.text.clip_dir, dtype=compute_dtype(c))
         if self.tokens:
-            self.token_table = token_table(c, TokenEncoder(c.text.clip_dir, dtype=compute_dtype(c)))
+            enc = TokenEncoder(c.text.clip_dir, dtype=compute_dtype(c))
+            self.token_table = build_token_table(c, enc, TEMPLATES)
         elif self.encoder.dim != c.model.cond_dim:
             raise ConfigError(
                 f"config.model.cond_dim={c.model.cond_dim} but the CLIP in "
