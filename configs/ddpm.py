@@ -64,6 +64,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.model.upsample_output_padding = 1
     config.model.num_classes = 0  # > 0: class-conditional (labels from the data)
     config.model.cond_dim = 0  # > 0: vector-conditional
+    # > 0: spatial transformers (self-attention, cross-attention to a token sequence of this
+    # width, GEGLU) replace the attention blocks (models/transformer.py; text.conditioning
+    # = "tokens" of text2img / latent_diffusion)
+    config.model.cross_attention_dim = 0
+    config.model.transformer_depth = 1  # transformer blocks per spatial transformer
     config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     # Options of diffusers' UNet2DModel (python -m diffax_lab.convert and
     # init.from_diffusers set them from a folder's config.json); the defaults are the lab's.

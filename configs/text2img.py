@@ -32,6 +32,9 @@ def get_config(arg: str | None = None):
     config.task = "text2img"
     config.text = ConfigDict()
     config.text.clip_dir = "workdirs/clip/hf_clip"  # Hugging Face layout (or a hub id online)
+    # pooled: the CLIP embedding vector (model.cond_dim) | tokens: cross-attention to the
+    # text encoder's token sequence (model.cond_dim = 0, model.cross_attention_dim = its width)
+    config.text.conditioning = "pooled"
     config.model.cond_dim = 16 if arg == "tiny" else 64  # the CLIP's projection_dim
     config.train.p_uncond = 0.1
     config.train.sample_every = 0

@@ -56,7 +56,15 @@ def get_config(arg: str | None = None):
     a.output_logvar_init = 0.0  # s (its initial value when learned)
     # Training images whose posterior samples estimate the exported scaling_factor.
     a.scale_num_examples = 10_000
-    a.discriminator = False  # the patch-GAN of LDM: not supported yet (refused when True)
+    # LDM's patch-GAN (tasks/autoencoder.py: hinge loss, adaptive weight, trained
+    # simultaneously with the autoencoder by the one optimizer; no BatchNorm):
+    a.discriminator = False
+    a.disc_start = 5000  # steps before the adversarial terms switch on (LDM: 50001)
+    a.disc_weight = 0.5  # times the adaptive weight lambda (LDM's kl-f configs: 0.5)
+    a.disc_factor = 1.0  # weight of both adversarial losses once on
+    a.disc_loss = "hinge"  # hinge | vanilla
+    a.disc_ndf = 64  # width of the discriminator's first convolution
+    a.disc_layers = 3  # stride-2 convolutions (receptive field 70 px for 3)
 
     o = config.optim
     o.optimizer = "adam"
@@ -90,11 +98,13 @@ def get_config(arg: str | None = None):
         t.checkpoint_every = 500
         t.sample_every = 1000
         a.scale_num_examples = 4096
+        a.disc_ndf, a.disc_layers, a.disc_start = 32, 2, 1000
     elif arg == "tiny":
         a.block_out_channels = (8, 16, 16)
         a.layers_per_block = 1
         a.norm_num_groups = 4
         a.mid_block_add_attention = False  # less to compile
+        a.disc_ndf, a.disc_layers, a.disc_start = 8, 2, 2
         a.scale_num_examples = 64
         o.lr = 1e-3
         o.warmup_steps = 2

@@ -126,7 +126,7 @@ def test_the_model_registry_builds_the_vae_from_the_autoencoder_section(tmp_path
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"autoencoder.discriminator": True}, "discriminator=True is not supported"),
+        ({"autoencoder.discriminator": True, "autoencoder.disc_loss": "wgan"}, "disc_loss"),
         ({"model.name": "unet"}, "trains 'autoencoder_kl'"),
         ({"autoencoder.norm_num_groups": 3}, "norm_num_groups=3 must divide"),
         ({"data.image_size": 30}, "multiple of the autoencoder's downsampling factor 4"),

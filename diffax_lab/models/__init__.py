@@ -88,6 +88,8 @@ def build_unet(config, out_channels: int | None = None) -> UNet:
         upsample_output_padding=c.upsample_output_padding,
         num_classes=c.num_classes,
         cond_dim=c.cond_dim,
+        cross_attention_dim=c.get("cross_attention_dim", 0),
+        transformer_depth=c.get("transformer_depth", 1),
         dtype=compute_dtype(config),
         **{f: _tuple(c[f]) for f in UNET_DIFFUSERS_FIELDS if f in c},
     )

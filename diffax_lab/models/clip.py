@@ -212,6 +212,9 @@ class TextTransformer(nn.Module):
             name="encoder",
         )(x, mask)
         x = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
+        # Hugging Face's last_hidden_state (the token sequence cross-attention attends to):
+        # apply(..., mutable=["intermediates"]) returns it.
+        self.sow("intermediates", "last_hidden_state", x)
         if c.eos_token_id == 2:  # legacy configs: the end token has the largest id
             eos = jnp.argmax(input_ids, axis=-1)
         else:

@@ -9,6 +9,11 @@
   token that classifier-free guidance trains and samples with.
 - ``cond`` [B, cond_dim] a vector condition (a CLIP embedding, say); rows where
   ``cond_mask`` is False are replaced by a learned null vector.
+- ``context`` [B, L, cross_attention_dim] a token sequence (CLIP's last hidden states) and
+  ``context_mask`` [B, L] bool: with ``cross_attention_dim`` > 0 every attention block is
+  Stable Diffusion's spatial transformer (``transformer.py``: self-attention, cross-attention
+  to the context, GEGLU feed-forward; ``transformer_depth`` blocks each) instead of plain
+  self-attention, at the same places (``attention_resolutions``, ``attention_levels``, middle).
 
 The options after ``dtype`` exist so that diffusers' ``UNet2DModel`` checkpoints map
 onto this network (``diffusers_unet.py``); each defaults to the lab's own behaviour, so
@@ -34,6 +39,7 @@ from diffax_lab.models.layers import (
     Upsample,
     sinusoidal_embedding,
 )
+from diffax_lab.models.transformer import SpatialTransformer
 
 TIME_EMBEDDINGS = ("sinusoidal", "channel")
 
@@ -69,9 +75,22 @@ class UNet(nn.Module):
     mid_attention: bool = True  # the attention block between the two middle ResBlocks
     center_input: bool = False  # x -> 2 x - 1 first (diffusers' center_input_sample)
     outer_activation: str = ""  # time MLP and output head; "" = activation (diffusers: silu)
+    cross_attention_dim: int = 0  # > 0: spatial transformers attending to a context [B, L, D]
+    transformer_depth: int = 1  # transformer blocks per spatial transformer
 
     @nn.compact
-    def __call__(self, x, t, y=None, cond=None, cond_mask=None, *, train: bool = False):
+    def __call__(
+        self,
+        x,
+        t,
+        y=None,
+        cond=None,
+        cond_mask=None,
+        context=None,
+        context_mask=None,
+        *,
+        train: bool = False,
+    ):
         b, h, w, _ = x.shape
         factor = 2 ** (len(self.channel_mult) - 1)
         if h % factor or w % factor:
@@ -143,7 +162,24 @@ class UNet(nn.Module):
                 name=name,
             )
 
+        if self.cross_attention_dim and context is None:
+            raise ValueError(
+                "This U-Net has cross-attention (model.cross_attention_dim = "
+                f"{self.cross_attention_dim}): pass context [B, L, {self.cross_attention_dim}]."
+            )
+
         def attn(name):
+            if self.cross_attention_dim:
+                block = SpatialTransformer(
+                    self.attention_heads,
+                    self.attention_head_dim,
+                    self.transformer_depth,
+                    self.num_groups,
+                    self.norm_eps,
+                    dt,
+                    name=name,
+                )
+                return lambda h: block(h, context, context_mask)
             return AttentionBlock(
                 self.attention_heads,
                 self.num_groups,

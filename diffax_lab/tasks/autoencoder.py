@@ -22,10 +22,25 @@ After training, ``DIR/hf_vae``: a diffusers AutoencoderKL folder of the EMA weig
 ``scaling_factor`` is LDM's 1 / std of the posterior samples of the first
 ``autoencoder.scale_num_examples`` training images.
 
-Not here: the patch-GAN discriminator (``models/discriminator.py``). It needs a second
-optimizer, BatchNorm statistics in the train state and a step that updates the
-discriminator on the decoder's outputs, which the one-optimizer step of ``tasks/base.py``
-does not have; ``autoencoder.discriminator=True`` is refused.
+LDM's patch-GAN (``autoencoder.discriminator=True``; ``models/discriminator.py``, the maths
+in ``diffusion/latent.py``): the parameters become ``{"autoencoder", "disc", "disc_clock"}``
+and ``train_loss`` returns L_G + L_D, where
+    L_G = nll + kl_weight kl + lambda f(step) (-mean D_sg(x_hat))   (D_sg: stop_gradient on
+          the discriminator's parameters, so L_G trains only the autoencoder)
+    L_D = f(step) hinge(D(x), D(sg(x_hat)))                         (sg on the
+          reconstructions, so L_D trains only the discriminator)
+with f(step) = ``disc_factor`` from ``disc_start`` on (0 before) and LDM's adaptive weight
+lambda = ``disc_weight`` ||grad_W nll|| / (||grad_W L_adv|| + 1e-4), W the decoder's last
+convolution kernel, both gradients taken in the step by one vector-Jacobian product of the
+autoencoder (nothing of it is differentiated). One backward pass of the sum then gives each
+network exactly its own gradient, and the one optimizer of ``tasks/base.py`` updates both
+**simultaneously**, where LDM alternates (optimizer_idx 0 and 1 on the same batch, the
+discriminator seeing the decoder's outputs from before the decoder's update); with Adam's
+per-parameter scaling the only difference is that half-step of staleness. The step count is
+``disc_clock``, a parameter whose optimizer update is +1 a step whatever its gradient (the
+train step of tasks/base.py does not pass the step to the loss). Differences from LDM: the
+discriminator has no BatchNorm (``norm="none"``: running statistics are no parameters of the
+one-optimizer state) and there is no LPIPS term.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from diffax_lab import images
@@ -46,6 +62,8 @@ from diffax_lab.diffusion import latent
 from diffax_lab.errors import ConfigError
 from diffax_lab.models import DTYPES, autoencoder_kl_config, get_model
 from diffax_lab.models.autoencoder_kl_io import save_autoencoder_kl
+from diffax_lab.models.discriminator import NLayerDiscriminator
+from diffax_lab.models.vae import LAST_LAYER
 from diffax_lab.tasks.base import Task, predict_in_batches
 from diffax_lab.tasks.denoising import check_sample_metric_fields
 from diffax_lab.tasks.registry import register
@@ -57,6 +75,14 @@ def check_bool(config, field: str) -> None:
     value = get_field(config, field)
     if not isinstance(value, bool):
         raise ConfigError(f"config.{field} must be True or False, got {value!r}.")
+
+
+def _count_steps() -> optax.GradientTransformation:
+    """An optax transformation whose update is +1 whatever the gradient: a step clock."""
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None: (jax.tree.map(jnp.ones_like, updates), state),
+    )
 
 
 @register
@@ -97,11 +123,12 @@ class AutoencoderTask(Task):
         check_number(config, "autoencoder.scale_num_examples", low=1, integer=True)
         check_bool(config, "autoencoder.discriminator")
         if a.discriminator:
-            raise ConfigError(
-                "config.autoencoder.discriminator=True is not supported yet: the patch-GAN "
-                "needs its own optimizer and BatchNorm statistics in the train state, which "
-                "the one-optimizer train step of tasks/base.py does not have. Set it to False."
-            )
+            check_number(config, "autoencoder.disc_start", low=0, integer=True)
+            check_number(config, "autoencoder.disc_weight", low=0.0)
+            check_number(config, "autoencoder.disc_factor", low=0.0)
+            check_choice(config, "autoencoder.disc_loss", latent.DISCRIMINATOR_LOSSES)
+            check_number(config, "autoencoder.disc_ndf", low=1, integer=True)
+            check_number(config, "autoencoder.disc_layers", low=1, integer=True)
         ae = autoencoder_kl_config(config)  # ConfigError naming what cannot be built
         s = config.data.image_size
         if s % ae.downsample_factor:
@@ -120,6 +147,26 @@ class AutoencoderTask(Task):
         self.ae_config = autoencoder_kl_config(c)
         self.model = get_model(c)
         self.latent_shape = self.ae_config.latent_shape(c.data.image_size, c.data.image_size)
+        a = c.autoencoder
+        self.disc = None
+        if a.discriminator:
+            self.disc = NLayerDiscriminator(
+                a.disc_ndf, a.disc_layers, norm="none", dtype=DTYPES[c.model.dtype]
+            )
+
+    # The optimizer of tasks/base.py (assigned in Task.__init__) gets the step clock added.
+    @property
+    def tx(self):
+        return self._tx
+
+    @tx.setter
+    def tx(self, value):
+        if self.config.autoencoder.discriminator:
+            value = optax.multi_transform(
+                {"train": value, "clock": _count_steps()},
+                lambda p: {k: ("clock" if k == "disc_clock" else "train") for k in p},
+            )
+        self._tx = value
 
     def default_metrics(self):
         judge = ("fd", "kid", "pr") if self.config.eval.judge_workdir else ()
@@ -132,29 +179,95 @@ class AutoencoderTask(Task):
         params = {"autoencoder": self.model.init(key, x)["params"]}
         if a.learn_output_logvar:
             params["output_logvar"] = jnp.asarray(a.output_logvar_init, jnp.float32)
+        if self.disc is not None:
+            params["disc"] = self.disc.init(jax.random.fold_in(key, 1), x)["params"]
+            params["disc_clock"] = jnp.zeros((), jnp.float32)  # steps taken (see tx)
         return params
 
     def train_loss(self, params, x0, labels, keys):
         a = self.config.autoencoder
         _, posterior_key, _ = keys
-        x_rec, mean, logvar = self.model.apply(
-            {"params": params["autoencoder"]}, x0, key=posterior_key
-        )
+
+        def forward(p):
+            x_rec, mean, logvar = self.model.apply({"params": p}, x0, key=posterior_key)
+            return x_rec, (mean, logvar)
+
+        if self.disc is None:
+            (x_rec, (mean, logvar)), vjp = forward(params["autoencoder"]), None
+        else:
+            x_rec, vjp, (mean, logvar) = jax.vjp(forward, params["autoencoder"], has_aux=True)
         s = params["output_logvar"] if a.learn_output_logvar else a.output_logvar_init
-        loss, aux = latent.autoencoder_loss(
-            x0,
-            x_rec,
-            mean,
-            logvar,
-            kl_weight=a.kl_weight,
-            reconstruction=a.reconstruction,
-            output_logvar=s,
-        )
-        del aux["adversarial"]  # no discriminator: always 0
+
+        def loss_g(x_rec, logits_fake=None, weight=0.0):
+            return latent.autoencoder_loss(
+                x0,
+                x_rec,
+                mean,
+                logvar,
+                kl_weight=a.kl_weight,
+                reconstruction=a.reconstruction,
+                output_logvar=s,
+                logits_fake=logits_fake,
+                adversarial_weight=weight,
+            )
+
+        if self.disc is None:
+            loss, aux = loss_g(x_rec)
+            del aux["adversarial"]  # no discriminator: always 0
+        else:
+            loss, aux = self.adversarial_losses(params, x0, x_rec, vjp, loss_g)
         aux["psnr"] = jnp.mean(latent.psnr(x0, x_rec))
         if a.learn_output_logvar:
             aux["output_logvar"] = s
         return loss, aux
+
+    def adversarial_losses(self, params, x0, x_rec, vjp, loss_g):
+        """(L_G + L_D, aux) of the module docstring; ``vjp`` of the autoencoder's forward
+        pass gives the last-layer gradients of the adaptive weight."""
+        a = self.config.autoencoder
+        disc = self.disc.apply
+        frozen = jax.lax.stop_gradient(params["disc"])
+        factor = latent.discriminator_factor(
+            jax.lax.stop_gradient(params["disc_clock"]), a.disc_start, a.disc_factor
+        )
+        weight = self.adaptive_weight(x_rec, frozen, vjp, loss_g)
+        logits_fake = disc({"params": frozen}, x_rec)
+        loss_gen, aux = loss_g(x_rec, logits_fake, weight * factor)
+        real = disc({"params": params["disc"]}, jax.lax.stop_gradient(x0))
+        fake = disc({"params": params["disc"]}, jax.lax.stop_gradient(x_rec))
+        loss_disc = factor * latent.discriminator_loss(real, fake, a.disc_loss)
+        aux.update(
+            loss_g=loss_gen,
+            loss_d=loss_disc,
+            adaptive_weight=weight,
+            disc_factor=factor,
+            logits_real=jnp.mean(real),
+            logits_fake=jnp.mean(fake),
+        )
+        return loss_gen + loss_disc, aux
+
+    def adaptive_weight(self, x_rec, disc_params, vjp, loss_g):
+        """LDM's lambda: disc_weight ||grad_W nll|| / (||grad_W L_adv|| + 1e-4), W the
+        decoder's last kernel, through the autoencoder's vector-Jacobian product (XLA keeps
+        only the last layer's part of those backward passes)."""
+        x_rec = jax.lax.stop_gradient(x_rec)
+
+        def last_layer_grad(loss_of_x_rec):
+            g = jax.grad(loss_of_x_rec)(x_rec)
+            (grads,) = vjp(g)
+            for k in LAST_LAYER:
+                grads = grads[k]
+            return grads
+
+        nll_grad = last_layer_grad(lambda xr: loss_g(xr)[1]["nll"])
+        adv_grad = last_layer_grad(
+            lambda xr: latent.generator_adversarial_loss(
+                self.disc.apply({"params": disc_params}, xr)
+            )
+        )
+        return latent.adaptive_adversarial_weight(
+            nll_grad, adv_grad, disc_weight=self.config.autoencoder.disc_weight
+        )
 
     # ----- hooks of evaluators and of the latent diffusion task -----
     def reconstruct(self, params, x):

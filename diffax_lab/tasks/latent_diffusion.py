@@ -31,6 +31,12 @@ reverse strip decodes each x_t; the forward strip encodes a test image, noises i
 and decodes), the guidance sweep, and ``eval_samples`` (uint8 images for fd/kid/pr). The
 ``loss`` evaluator's test loss is the diffusion loss on latents of the test images.
 
+Text conditioning (``text.conditioning = "tokens"``, configs/ldm_text2img.py): as in
+tasks/text2img.py, the U-Net cross-attends to the CLIP text encoder's token sequence of each
+training image's caption (a template of data/captions.py with its class), the empty prompt
+being CFG's null condition (shared code: diffax_lab/models/text_context.py). Samples and
+evaluation ask for the class prompts ``text.template`` (condition i = class i's prompt).
+
 Not supported (refused in ``check_config``): ``bpd`` (a bound on latents is not a likelihood
 of images), classifier guidance (it needs a classifier of noisy latents),
 ``data.random_flip`` (the step would flip latents, not images) and ``sample.clip_x0``
@@ -51,6 +57,7 @@ from absl import logging
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.config_lib import check_number, load_run_config
 from diffax_lab.data import pipeline
+from diffax_lab.data.captions import TEMPLATES, class_captions
 from diffax_lab.diffusion import latent, process
 from diffax_lab.errors import ConfigError
 from diffax_lab.metrics.features import params_digest, reference_features
@@ -59,6 +66,13 @@ from diffax_lab.models.autoencoder_kl_io import (
     AutoencoderKLLoadError,
     load_autoencoder_kl,
     read_config,
+)
+from diffax_lab.models.text_context import (
+    TokenConditioning,
+    TokenEncoder,
+    build_token_table,
+    check_text_conditioning,
+    conditional_view,
 )
 from diffax_lab.tasks import registry
 from diffax_lab.tasks.base import predict_in_batches
@@ -113,13 +127,18 @@ def find_autoencoder(path: str, data_config):
 
 
 @registry.register
-class LatentDiffusionTask(DenoisingTask):
+class LatentDiffusionTask(TokenConditioning, DenoisingTask):
     name = "latent_diffusion"
     metrics = ("loss", "fd", "kid", "pr")
 
     @classmethod
     def check_config(cls, config) -> None:
-        super().check_config(config)
+        if "text" in config and check_text_conditioning(config) == "pooled":
+            raise ConfigError(
+                "config.text.conditioning='pooled' is not supported in latent space; use "
+                "'tokens' (cross-attention, configs/ldm_text2img.py)."
+            )
+        super().check_config(conditional_view(config))
         if "latent" not in config:
             raise ConfigError(
                 "config.task='latent_diffusion' needs a config.latent section with the "
@@ -135,6 +154,29 @@ class LatentDiffusionTask(DenoisingTask):
             raise ConfigError(
                 "config.model.cond_dim > 0 (vector conditions) is not supported in latent "
                 "space; use model.num_classes for class conditions."
+            )
+        if "text" in config:
+            if config.model.num_classes:
+                raise ConfigError(
+                    "config.model.num_classes must be 0 with text conditioning (the class "
+                    "enters as its caption)."
+                )
+            names = tuple(config.text.get("class_names", ()))
+            if not names or not all(isinstance(n, str) and n.strip() for n in names):
+                raise ConfigError(
+                    "config.text.class_names must list the dataset's class names in label "
+                    "order (the captions are built from them)."
+                )
+            template = config.text.get("template", "")
+            if not isinstance(template, str) or template.count("{}") != 1:
+                raise ConfigError(
+                    f"config.text.template={template!r} must contain '{{}}' once, where the "
+                    "class name goes (e.g. 'a photo of a {}')."
+                )
+        elif config.model.get("cross_attention_dim", 0):
+            raise ConfigError(
+                "config.model.cross_attention_dim > 0 needs a config.text section with "
+                "conditioning='tokens' and clip_dir (configs/ldm_text2img.py)."
             )
         if config.data.random_flip:
             raise ConfigError(
@@ -190,6 +232,10 @@ class LatentDiffusionTask(DenoisingTask):
                 raise ConfigError(f"{FIELD}: {e}") from None
         self.vae_params = jax.device_put(self.vae_params, self.repl)
         self.vae_digest = params_digest(self.vae_params)
+        if self.tokens:
+            c = self.config
+            encoder = TokenEncoder(c.text.clip_dir, dtype=compute_dtype(c))
+            self.token_table = build_token_table(c, encoder, TEMPLATES)
         if mode != "train":
             self.scale_factor = self.recorded_scale(workdir)
 
@@ -328,12 +374,47 @@ class LatentDiffusionTask(DenoisingTask):
             )
         return float(record["scale_factor"])
 
+    # ----- text conditioning (text.conditioning = "tokens"): indices into the token table
+    @property
+    def tokens(self) -> bool:
+        return "text" in self.config
+
+    @property
+    def uses_condition(self) -> bool:
+        return self.tokens or super().uses_condition
+
+    @property
+    def num_labels(self) -> int:
+        """With text, the classes whose prompts samples ask for (table rows 0..K-1)."""
+        return len(self.config.text.class_names) if self.tokens else super().num_labels
+
+    def condition_kwargs(self, cond, train: bool = False, key=None) -> dict:
+        if self.tokens:
+            return TokenConditioning.condition_kwargs(self, cond, train, key)
+        return DenoisingTask.condition_kwargs(self, cond, train, key)
+
+    def uncond_kwargs(self, cond) -> dict | None:
+        if self.tokens:
+            return TokenConditioning.uncond_kwargs(self, cond)
+        return DenoisingTask.uncond_kwargs(self, cond)
+
+    def init_params(self, key):
+        if not self.tokens:
+            return super().init_params(key)
+        x = jnp.zeros((1, *self.image_shape))
+        return self.model.init(key, x, jnp.zeros((1,)), **self.context_inputs())["params"]
+
     # ----- training and the test loss -----
     def train_data(self, workdir: str):
-        """(posterior mean | std of every training image, labels): what the steps draw from."""
+        """(posterior mean | std of every training image, labels): what the steps draw from.
+        With text the labels become the indices of each image's caption."""
         imgs, labels = self.load_train_split()
         moments = self.posteriors(imgs, "train", workdir)
         self.scale_factor = self.settle_scale(moments, workdir)
+        if self.tokens:
+            names = tuple(self.config.text.class_names)
+            caps = class_captions(labels, names, TEMPLATES, self.config.seed)
+            labels = self.token_table.index(caps)
         return moments.astype(np.float32), labels
 
     def model_input(self, moments, labels, key):
