@@ -34,6 +34,7 @@ def no_compilation(monkeypatch):
         ),
         ("train.p_uncond", 1.0, r"config.train.p_uncond"),
         ("diffusion.num_timesteps", 0, r"config.diffusion.num_timesteps"),
+        ("diffusion.num_timesteps", 10, r"config.diffusion.num_timesteps=10 is too few .*21"),
         ("train.batch_size", 0, r"config.train.batch_size"),
         ("diffusion.schedule", "quartic", r"config.diffusion.schedule='quartic' must be one of"),
         ("model.num_groups", 5, r"config.model.num_groups=5 must divide"),

@@ -35,7 +35,7 @@ from diffax_lab.diffusion import get_loss_fn, get_schedule, guidance, process, s
 from diffax_lab.diffusion.losses import WEIGHTINGS
 from diffax_lab.diffusion.process import PREDICTIONS
 from diffax_lab.diffusion.samplers import SAMPLERS, VARIANCES
-from diffax_lab.diffusion.schedules import SCHEDULES
+from diffax_lab.diffusion.schedules import SCHEDULES, discrete_betas
 from diffax_lab.diffusion.sde_samplers import CORRECTORS, PREDICTORS, SOLVERS
 from diffax_lab.errors import ConfigError
 from diffax_lab.models import DTYPES, get_model
@@ -162,6 +162,10 @@ def _folder_T(config, path) -> int | None:
 def check_diffusion_section(config) -> None:
     check_choice(config, "diffusion.schedule", SCHEDULES)
     check_number(config, "diffusion.num_timesteps", low=1, integer=True)
+    try:  # a schedule that cannot exist (linear with too few steps) is refused here
+        discrete_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
     check_choice(config, "diffusion.prediction", PREDICTIONS)
     check_choice(config, "diffusion.loss_weighting", WEIGHTINGS)
     check_number(config, "diffusion.min_snr_gamma", low=0.0, low_open=True)
