@@ -104,6 +104,13 @@ def test_registered_edm_sampler_is_heun_without_churn_and_samples_with_churn():
     np.testing.assert_allclose(churn.samples, direct.samples, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("arg", ["", "tiny", "cpu", "ve", "cpu,ve"])
+def test_every_variant_passes_its_checks(arg):
+    config = edm_config(arg)
+    assert registry.check_config(config).name == "edm"
+    assert config.diffusion.preconditioning == ("ve" if "ve" in arg else "edm")
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
