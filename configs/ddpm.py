@@ -189,6 +189,15 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.eval.floor = True  # also: real train images vs the reference (the metrics' floor)
     config.eval.bpd_num_examples = 0  # test images for bits/dim (0 = skip)
     config.eval.bpd_num_terms = 0  # 0 = all T terms of the bound, else stratified n of them
+    # ode_bpd (eval.metrics): bits/dim by the probability-flow ODE, uniform dequantization,
+    # Hutchinson-Skilling divergence with ode_probes probes (rademacher | gaussian).
+    config.eval.ode_num_examples = 256  # test images
+    config.eval.ode_probes = 4
+    config.eval.ode_probe = "rademacher"
+    config.eval.ode_solver = "tsit5"  # tsit5 | dopri5
+    config.eval.ode_rtol = 1e-5
+    config.eval.ode_atol = 1e-5
+    config.eval.ode_eps = 1e-3  # integrate from t = eps (DDPM networks: >= 1 / T)
     config.eval.every_steps = 0  # > 0: sample metrics during training, into metrics.jsonl
     config.eval.checkpoint_step = 0  # --mode=eval on this saved step (0 = the latest)
     # FID / KID in Inception space (evaluators fid_inception, kid_inception): pytorch-fid's

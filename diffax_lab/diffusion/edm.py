@@ -8,7 +8,8 @@ Diffusion-Based Generative Models". Data x_0 plus noise of level sigma, y = x_0 
   style of ``losses.get_loss_fn``;
 - ``sample``: Algorithm 2 (the stochastic sampler with S_churn, S_tmin, S_tmax, S_noise;
   S_churn = 0 is Algorithm 1, the deterministic Heun sampler) on the rho = 7 grid (eq. 5,
-  ``samplers.karras_sigmas``), in one ``lax.scan``.
+  ``samplers.karras_sigmas``), in one ``lax.scan``; registered as the sampler ``edm``
+  (``edm_run``) so that any task's network samples with it by name.
 
 ``net_fn(x_in, c_noise) -> F`` is the raw network bound to its parameters, with x_in [B, ...]
 and c_noise [B]; ``denoiser(x, sigma) -> D`` is the preconditioned one. The lab's DDPM
@@ -28,7 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax_lab.diffusion import process
-from diffax_lab.diffusion.samplers import KARRAS_RHO, SampleOutput, karras_sigmas
+from diffax_lab.diffusion.samplers import (
+    KARRAS_RHO,
+    SampleOutput,
+    karras_sigmas,
+    register_sampler,
+)
 from diffax_lab.diffusion.samplers import make_denoiser as make_schedule_denoiser
 from diffax_lab.diffusion.schedules import DiscreteSchedule
 
@@ -123,7 +129,15 @@ def denoiser_from_model(
     x_t / sqrt(abar) with abar = 1 / (1 + sigma^2) (EDM eq. 4 for VP), and the network is
     called at the schedule's time for that log-SNR (outside the schedule's sigma range the
     time is extrapolated, see ``DiscreteSchedule.time_at_log_snr``)."""
-    denoise = make_schedule_denoiser(model_fn, schedule, prediction, clip_x0)
+    return denoiser_from_schedule_denoiser(
+        make_schedule_denoiser(model_fn, schedule, prediction, clip_x0), schedule
+    )
+
+
+def denoiser_from_schedule_denoiser(denoise, schedule: DiscreteSchedule):
+    """D(x, sigma) from the samplers' ``denoise(x_t, t) -> (x0_hat, eps_hat)`` of VP states
+    at the schedule's times (``samplers.make_denoiser``): x_t = x / sqrt(1 + sigma^2) at
+    the time with log-SNR -2 log sigma."""
 
     def denoiser(x, sigma):
         alpha_bar = 1.0 / (1.0 + jnp.square(sigma))
@@ -132,6 +146,50 @@ def denoiser_from_model(
         return x0_hat
 
     return denoiser
+
+
+def schedule_sigma_range(schedule: DiscreteSchedule) -> tuple[float, float]:
+    """(sigma_min, sigma_max) of a schedule, sigma = sqrt((1 - abar) / abar) at its first and
+    last step (the range of ``samplers.karras_grid``)."""
+    ab = np.asarray(schedule.alphas_cumprod, np.float64)
+    log_snr = np.log(ab) - np.log1p(-ab)
+    return float(np.exp(-0.5 * log_snr[0])), float(np.exp(-0.5 * log_snr[-1]))
+
+
+@register_sampler("edm", grid="run")
+def edm_run(
+    denoise,
+    schedule: DiscreteSchedule,
+    x_T,
+    key,
+    num_steps: int,
+    *,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = math.inf,
+    S_noise: float = 1.0,
+):
+    """``sample`` (Algorithm 2; Algorithm 1, the deterministic Heun sampler, at S_churn = 0)
+    as a sampler of the registry (``samplers.sample(sampler="edm")``, ``sample.sampler``):
+    num_steps sigmas of the rho = 7 grid over the schedule's own sigma range
+    (``schedule_sigma_range``), from the VP state x_T ~ N(0, I) scaled to the VE state
+    x_T sqrt(1 + sigma_max^2). The options come from the sample section (sample.S_churn ...).
+    """
+    sigma_min, sigma_max = schedule_sigma_range(schedule)
+    out = sample(
+        denoiser_from_schedule_denoiser(denoise, schedule),
+        x_T.shape,
+        key,
+        num_steps=num_steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        S_churn=S_churn,
+        S_tmin=S_tmin,
+        S_tmax=S_tmax,
+        S_noise=S_noise,
+        x_T=x_T * math.sqrt(1.0 + sigma_max**2),
+    )
+    return out.samples, out.nfe
 
 
 def sample(

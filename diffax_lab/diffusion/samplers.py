@@ -17,6 +17,10 @@ A sampler registered with ``grid="adaptive"`` (the probability-flow ODE with an 
 solver, ``sde_samplers.py``) chooses its own steps, so it cannot be a step of the fixed scan:
 it is registered as the whole run, ``run(denoise, schedule, x_T, key, **options) -> (x_0,
 nfe)``, and ``sample`` calls it with the same arguments as any other sampler.
+A sampler registered with ``grid="run"`` (EDM's Algorithm 2, ``edm.py``) is also a whole
+run, ``run(denoise, schedule, x_T, key, num_steps, **options) -> (x_0, nfe)``, on a fixed
+number of steps of its own grid (``num_steps`` positional, so it is not read from the
+sample section as an option); it records no trajectory.
 
 ``model_fn(x_t, t) -> output`` is the network bound to its parameters and condition, with
 ``t`` the continuous time [B] of ``schedules.py``; ``prediction`` says what it returns.
@@ -37,7 +41,7 @@ from diffax_lab.diffusion.schedules import DiscreteSchedule, spaced_indices
 
 SAMPLERS: dict[str, Callable] = {}
 SAMPLER_GRIDS: dict[str, str] = {}
-GRIDS = ("discrete", "discrete_skip_step0", "karras", "adaptive")
+GRIDS = ("discrete", "discrete_skip_step0", "karras", "adaptive", "run")
 VARIANCES = ("beta", "beta_tilde")
 KARRAS_RHO = 7.0
 # The one set of sampling defaults: ``sample`` below and the ``sample`` section of
@@ -314,6 +318,13 @@ def sample(
         init_key, loop_key = jax.random.split(key)
         x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else x_T
         x, nfe = step_fn(denoise, schedule, x, loop_key, **sampler_kwargs)
+        return SampleOutput(x, None, None, nfe)
+    if grid == "run":  # a whole run on its own grid of num_steps; no trajectory
+        denoise = make_denoiser(model_fn, schedule, prediction, clip_x0)
+        init_key, loop_key = jax.random.split(key)
+        x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else x_T
+        n = schedule.num_steps if num_steps is None else num_steps
+        x, nfe = step_fn(denoise, schedule, x, loop_key, n, **sampler_kwargs)
         return SampleOutput(x, None, None, nfe)
     if grid == "karras":
         times, abar = karras_grid(schedule, num_steps)

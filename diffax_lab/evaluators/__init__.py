@@ -29,6 +29,7 @@ METRICS = {
     "kid": "sample_quality",
     "pr": "sample_quality",
     "bpd": "bpd",
+    "ode_bpd": "ode_bpd",
     "clip_score": "clip_score",
     "accuracy": "accuracy",
     "zero_shot": "zero_shot",

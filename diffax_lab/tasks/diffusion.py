@@ -15,6 +15,7 @@ from diffax_lab.tasks.registry import register
 @register
 class DiffusionTask(DenoisingTask):
     name = "diffusion"
+    metrics = (*DenoisingTask.metrics, "ode_bpd")  # ode_bpd: as the VP-SDE (linear schedule)
 
     @classmethod
     def check_config(cls, config) -> None:
