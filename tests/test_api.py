@@ -83,6 +83,7 @@ def test_sweep_names_points_and_parses_the_command_line():
     assert sweep.main(["--root=/tmp/x"]) == 2
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_sweep_trains_each_point_resumes_and_collects(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, **SMALL_UNET, **{"train.checkpoint_every": 1})

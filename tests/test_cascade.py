@@ -160,6 +160,7 @@ def write_one_image_idx(directory, n=16):
     return str(directory)
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_superres_trained_on_one_image_keeps_its_low_res_content(tmp_path):
     data = write_one_image_idx(tmp_path / "one")
@@ -281,6 +282,7 @@ def test_cascade_refuses_training_and_mismatched_stages(cascade_runs, tiny_data)
         sample_mode.run(bad, str(runs["root"] / "bad"))
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_unclip_cascade_text_prior_decoder(tiny_data, tmp_path):
     """text -> prior -> text2img decoder through the cascade (random weights), scored by

@@ -102,6 +102,7 @@ def test_a_failing_cell_fails_the_run(tmp_path):
     assert namespace["ran"] == [True, "after"]  # the injected parameter reached the cells
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_papermill_in_a_kernel_fails_on_a_broken_cell(tmp_path):
     """What `make notebooks` runs: papermill executing the converted notebook in a kernel."""
@@ -116,6 +117,7 @@ def test_papermill_in_a_kernel_fails_on_a_broken_cell(tmp_path):
         )
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow  # each trains or samples a tiny model: seconds on an idle machine
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p)[:-3] for p in NOTEBOOKS])
 def test_notebook_runs_at_small_parameters(path, tiny_data, tiny_run, tmp_path):
