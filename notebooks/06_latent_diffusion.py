@@ -25,6 +25,7 @@
 # small parameters.
 
 # %% tags=["parameters"]
+small = False  # True: the CI's seconds-long run (tiny configs, a few steps)
 root = "workdirs/nb06"
 vae_config = "vae"  # "vae:cpu" or "vae:tiny" for smaller runs
 ldm_config = "ldm"
@@ -43,6 +44,10 @@ import numpy as np  # noqa: E402
 
 from diffax_lab import api  # noqa: E402
 
+if small:
+    vae_config, ldm_config, pixel_config = "vae:tiny", "ldm:tiny", "cfg:tiny"
+    vae_steps = diffusion_steps = 2
+    num_eval_samples, sample_steps = 8, 4
 os.makedirs(root, exist_ok=True)
 
 # %% [markdown]

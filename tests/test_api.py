@@ -23,6 +23,7 @@ def test_config_typed_overrides_on_a_copy_and_unknown_fields_refused():
         api.config("ddpm:tiny", **{"train.progress_bar": "maybe"})
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 def test_load_sample_evaluate_and_strips_reuse_the_compiled_sampler(tiny_run):
     _, workdir = tiny_run
     run = api.load(workdir)
@@ -45,6 +46,7 @@ def test_load_sample_evaluate_and_strips_reuse_the_compiled_sampler(tiny_run):
     assert not os.path.exists(os.path.join(workdir, "eval"))  # save=False writes nothing
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 def test_two_configs_in_one_process_give_what_each_gives_alone(tiny_run):
     _, workdir = tiny_run
     kw = {"sampler": "ddim", "steps": 2, "seed": 3}

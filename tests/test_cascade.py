@@ -238,6 +238,7 @@ def cascade_config(runs, tiny_data, **overrides):
     return config_lib.apply_overrides(config, overrides)
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 def test_cascade_runs_every_stage_deterministically(cascade_runs, tiny_data):
     runs = cascade_runs
     workdir = str(runs["root"] / "c1")
@@ -261,6 +262,7 @@ def test_cascade_runs_every_stage_deterministically(cascade_runs, tiny_data):
     assert not np.allclose(sr.upsample(params, other[0], k), again[1], atol=1e-3)
 
 
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 def test_cascade_with_other_samplers(cascade_runs, tiny_data):
     """Per-stage samplers: a discrete-grid one for the base, a Karras-grid one for the
     super-resolution stage (every sampler goes through the same model_fn hooks)."""
