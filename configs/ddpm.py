@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.model.mid_attention = True  # attention between the two middle ResBlocks
     config.model.center_input = False  # x -> 2 x - 1 first (center_input_sample)
     config.model.outer_activation = ""  # time MLP and output head; '' = model.activation
+    # Ablation switches (notebooks/02_unet_ablation.py); UNet2DModel export needs the defaults.
+    config.model.norm = "group"  # group: GroupNorm in blocks, attention, head | none
+    config.model.residual = True  # False: ResBlocks are two convs without the skip path
 
     # Start from pretrained weights (tasks/denoising.py): a diffusers UNet2DModel folder
     # (config.json + diffusion_pytorch_model.safetensors, or a pipeline holding unet/). Its

@@ -91,7 +91,7 @@ def build_unet(config, out_channels: int | None = None) -> UNet:
         cross_attention_dim=c.get("cross_attention_dim", 0),
         transformer_depth=c.get("transformer_depth", 1),
         dtype=compute_dtype(config),
-        **{f: _tuple(c[f]) for f in UNET_DIFFUSERS_FIELDS if f in c},
+        **{f: _tuple(c[f]) for f in UNET_DIFFUSERS_FIELDS + UNET_ABLATION_FIELDS if f in c},
     )
 
 
@@ -109,6 +109,10 @@ UNET_DIFFUSERS_FIELDS = (
     "center_input",
     "outer_activation",
 )
+
+# Ablation switches of the model section (configs/ddpm.py: norm, residual); configs
+# without them build the U-Net's defaults.
+UNET_ABLATION_FIELDS = ("norm", "residual")
 
 
 def _tuple(value):

@@ -181,6 +181,8 @@ def unet_config_to_lab(config: dict, num_train_timesteps: int = 1000) -> dict:
         center_input=bool(c.get("center_input_sample", False)),
         num_classes=(n_class - 1) if n_class else 0,
         cond_dim=0,
+        norm="group",  # UNet2DModel always normalises and keeps the skip path
+        residual=True,
     )
 
 
@@ -224,6 +226,8 @@ def lab_to_unet_config(model: UNet, in_channels: int, sample_size=None) -> dict:
             "approximation; diffusers' 'gelu' is the erf form, the lab's 'gelu_exact')",
         ),
         (m.downsample_padding in (0, 1), "model.downsample_padding must be 0 or 1"),
+        (m.norm == "group", "model.norm must be 'group' (UNet2DModel always has GroupNorm)"),
+        (m.residual is True, "model.residual must be True (UNet2DModel's blocks are residual)"),
     ]
     for ok, msg in checks:
         if not ok:

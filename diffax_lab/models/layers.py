@@ -6,7 +6,9 @@
   then a convolution).
 - ``Upsample``: nearest or bilinear resize followed by a convolution, or a transposed
   convolution with PyTorch's (kernel, stride, padding, output_padding) semantics.
-- ``ResBlock``: GroupNorm -> activation -> conv, plus an embedding projection, twice.
+- ``ResBlock``: GroupNorm -> activation -> conv, plus an embedding projection, twice, and
+  the skip path; ``norm="none"`` drops the norms and ``residual=False`` the skip path (the
+  course's plain two-conv block), for ablations.
 - ``AttentionBlock``: multi-head self-attention over pixels via ``jax.nn.dot_product_attention``.
 
 Parameters are float32; ``dtype`` is the compute dtype (bfloat16 for speed). GroupNorm
@@ -31,6 +33,7 @@ ACTIVATIONS = {
     "mish": lambda x: x * jnp.tanh(nn.softplus(x)),  # Misra 2019
 }
 DOWNSAMPLES = ("conv", "avgpool", "maxpool", "rearrange")
+NORMS = ("group", "none")  # model.norm: GroupNorm everywhere, or no normalisation at all
 UPSAMPLES = ("nearest", "bilinear", "transpose")
 
 
@@ -163,6 +166,16 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+def make_norm(kind: str, num_groups: int, dtype, epsilon: float, name: str):
+    """The block's normalisation: ``GroupNorm`` (kind "group") or the identity ("none",
+    no parameters)."""
+    if kind == "group":
+        return GroupNorm(num_groups, dtype, epsilon, name=name)
+    if kind == "none":
+        return lambda x: x.astype(dtype)
+    raise ValueError(f"model.norm must be one of {NORMS}, got {kind!r}.")
+
+
 class Downsample(nn.Module):
     """Halves H and W.
 
@@ -249,7 +262,13 @@ class Upsample(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """DDPM's residual block; ``emb`` ([B, E] or None) is projected and added after conv 1."""
+    """DDPM's residual block; ``emb`` ([B, E] or None) is projected and added after conv 1.
+
+    ``norm="none"`` replaces both GroupNorms by the identity. ``residual=False`` returns the
+    second conv's output alone (no skip path, no 1x1 ``skip`` projection); its conv2 then
+    keeps Flax's default initialisation, since a zero-initialised conv2 without the skip
+    would output zeros and pass no gradient to anything before it.
+    """
 
     features: int
     num_groups: int = 32
@@ -257,11 +276,15 @@ class ResBlock(nn.Module):
     activation: str = "silu"
     dtype: Any = jnp.float32
     norm_eps: float = 1e-6
+    norm: str = "group"  # group | none
+    residual: bool = True
 
     @nn.compact
     def __call__(self, x, emb, *, train: bool):
         act = ACTIVATIONS[self.activation]
-        h = act(GroupNorm(self.num_groups, self.dtype, self.norm_eps, name="norm1")(x))
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"model.residual must be True or False, got {self.residual!r}.")
+        h = act(make_norm(self.norm, self.num_groups, self.dtype, self.norm_eps, "norm1")(x))
         h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
         if emb is not None:
             h = (
@@ -270,8 +293,10 @@ class ResBlock(nn.Module):
                     :, None, None
                 ]
             )
-        h = act(GroupNorm(self.num_groups, self.dtype, self.norm_eps, name="norm2")(h))
+        h = act(make_norm(self.norm, self.num_groups, self.dtype, self.norm_eps, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        if not self.residual:
+            return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
         # Zero-initialised last conv: each block starts as the identity (improved-diffusion).
         h = nn.Conv(
             self.features, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2"
@@ -294,6 +319,7 @@ class AttentionBlock(nn.Module):
     dtype: Any = jnp.float32
     head_dim: int = 0
     norm_eps: float = 1e-6
+    norm: str = "group"  # group | none (no normalisation before the projections)
 
     @nn.compact
     def __call__(self, x):
@@ -312,7 +338,7 @@ class AttentionBlock(nn.Module):
                 )
             num_heads = self.num_heads
         head_dim = c // num_heads
-        y = GroupNorm(self.num_groups, self.dtype, self.norm_eps, name="norm")(x)
+        y = make_norm(self.norm, self.num_groups, self.dtype, self.norm_eps, "norm")(x)
         y = y.reshape(b, h * w, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y)
         q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * num_heads, head_dim), 3, axis=2)

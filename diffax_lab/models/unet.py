@@ -15,6 +15,11 @@
   to the context, GEGLU feed-forward; ``transformer_depth`` blocks each) instead of plain
   self-attention, at the same places (``attention_resolutions``, ``attention_levels``, middle).
 
+``norm`` ("group" | "none": GroupNorm in every block, attention and the output head, or no
+normalisation at all) and ``residual`` (False: each ResBlock is two convs without the skip
+path) exist for ablations (notebooks/02_unet_ablation.py); their defaults are the network
+every checkpoint was trained as.
+
 The options after ``dtype`` exist so that diffusers' ``UNet2DModel`` checkpoints map
 onto this network (``diffusers_unet.py``); each defaults to the lab's own behaviour, so
 every lab checkpoint keeps its meaning.
@@ -32,11 +37,12 @@ import jax.numpy as jnp
 
 from diffax_lab.models.layers import (
     ACTIVATIONS,
+    NORMS,
     AttentionBlock,
     Downsample,
-    GroupNorm,
     ResBlock,
     Upsample,
+    make_norm,
     sinusoidal_embedding,
 )
 from diffax_lab.models.transformer import SpatialTransformer
@@ -77,6 +83,8 @@ class UNet(nn.Module):
     outer_activation: str = ""  # time MLP and output head; "" = activation (diffusers: silu)
     cross_attention_dim: int = 0  # > 0: spatial transformers attending to a context [B, L, D]
     transformer_depth: int = 1  # transformer blocks per spatial transformer
+    norm: str = "group"  # group | none: every GroupNorm, or none (ablations)
+    residual: bool = True  # False: ResBlocks without the skip path (ablations)
 
     @nn.compact
     def __call__(
@@ -99,8 +107,17 @@ class UNet(nn.Module):
                 f"2^{len(self.channel_mult) - 1}); pad the data (data.image_size) to a multiple "
                 f"of {factor} or use fewer levels."
             )
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}.")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"model.residual must be True or False, got {self.residual!r}.")
+        if self.norm != "group" and self.cross_attention_dim:
+            raise ValueError(
+                f"model.norm={self.norm!r} needs model.cross_attention_dim = 0: the spatial "
+                "transformer's norms have no switch."
+            )
         for ch in [self.base_channels * m for m in self.channel_mult]:
-            if ch % self.num_groups:
+            if self.norm == "group" and ch % self.num_groups:
                 raise ValueError(
                     f"model.num_groups={self.num_groups} must divide every level's "
                     f"channels; {ch} is not a multiple."
@@ -159,6 +176,8 @@ class UNet(nn.Module):
                 self.activation,
                 dt,
                 self.norm_eps,
+                self.norm,
+                self.residual,
                 name=name,
             )
 
@@ -186,6 +205,7 @@ class UNet(nn.Module):
                 dt,
                 self.attention_head_dim,
                 self.norm_eps,
+                self.norm,
                 name=name,
             )
 
@@ -236,7 +256,7 @@ class UNet(nn.Module):
                 )(hcur)
         assert not hs
 
-        hcur = outer_act(GroupNorm(self.num_groups, dt, self.norm_eps, name="norm_out")(hcur))
+        hcur = outer_act(make_norm(self.norm, self.num_groups, dt, self.norm_eps, "norm_out")(hcur))
         out = nn.Conv(
             self.out_channels, (3, 3), dtype=dt, kernel_init=nn.initializers.zeros, name="conv_out"
         )(hcur)

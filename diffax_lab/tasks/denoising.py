@@ -45,7 +45,7 @@ from diffax_lab.models.diffusers_unet import (
     lab_config_fields,
     load_unet2d,
 )
-from diffax_lab.models.layers import ACTIVATIONS, DOWNSAMPLES, UPSAMPLES
+from diffax_lab.models.layers import ACTIVATIONS, DOWNSAMPLES, NORMS, UPSAMPLES
 from diffax_lab.models.unet import TIME_EMBEDDINGS
 from diffax_lab.tasks import registry
 from diffax_lab.tasks.base import Task
@@ -71,6 +71,10 @@ def check_unet_section(config) -> None:
     check_number(config, "model.num_classes", low=0, integer=True)
     check_number(config, "model.cond_dim", low=0, integer=True)
     check_choice(config, "model.dtype", tuple(DTYPES))
+    if "norm" in config.model:
+        check_choice(config, "model.norm", NORMS)
+    if "residual" in config.model:
+        check_choice(config, "model.residual", (True, False))
     check_unet_diffusers_fields(config)
     for ch in (config.model.base_channels * x for x in mults):
         if ch % config.model.num_groups:
