@@ -336,7 +336,8 @@ def train(cfg, workdir: str, progress: bool = True) -> Run:
 
 def sweep(cfg, grid: dict, root: str, **kwargs):
     """``diffax_lab.sweep.run``: one workdir a grid point, trained and evaluated (resumable);
-    returns the DataFrame of their evaluations."""
+    returns the DataFrame of their evaluations. ``steps=[...]`` evaluates each point at
+    those step counts; ``parallel=N`` runs N points at once, each in its own process."""
     return sweep_lib.run(cfg, grid, root, **kwargs)
 
 

@@ -3,7 +3,7 @@
     python -m diffax_lab.sweep --config=configs/ddpm.py:tiny --root=workdirs/sweep \
         --grid='model.activation=[silu,gelu]' --grid='model.downsample=[conv,rearrange]' \
         [--point='model.activation=relu;model.time_embedding=channel' ...] \
-        [--config.train.num_steps=500 ...] [--steps=100,200,400] [--no_eval]
+        [--config.train.num_steps=500 ...] [--steps=100,200,400] [--no_eval] [--parallel=N]
 
 Each point is trained with ``modes.train.run`` in ROOT/<name> (the name spells its
 overrides), then evaluated once with ``modes.evaluate.run`` (ROOT/<name>/eval/step_N.json).
@@ -13,6 +13,14 @@ each of the step counts in turn and evaluates it there (curves over steps). The 
 one table, ROOT/results.csv, with a column per swept field. ``--grid`` takes the product
 of its fields; ``--point`` adds explicit points (``;`` between a point's assignments), for
 ablations that change one thing at a time. Values are typed as the config's fields.
+
+``--parallel=N`` (``parallel=N`` from Python) runs up to N points at once, each in its own
+process (``python -m diffax_lab.sweep --worker=ROOT/<name>/sweep_job.pkl``, output in
+ROOT/<name>/sweep.log), e.g. the arms of an ablation sharing one GPU. Each process gets
+1/N of the accelerator memory this process was given (XLA_PYTHON_CLIENT_MEM_FRACTION,
+default 0.75); this process itself does no JAX work meanwhile. Finished points are skipped
+and interrupted ones resume exactly as in-process; a failed point is reported with the end
+of its log after the others finish.
 
 From Python: ``diffax_lab.api.sweep(cfg, {"model.activation": ["silu", "gelu"]}, root)``,
 or ``run(cfg, [{"model.activation": "gelu"}, {...}], root)`` for explicit points.
@@ -24,10 +32,13 @@ import copy
 import itertools
 import json
 import os
+import pickle
 import re
+import subprocess
 import sys
+import time
 
-from diffax_lab import config_lib
+from diffax_lab import compilation, config_lib
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.errors import ConfigError, DataError, WorkdirError
 from diffax_lab.modes import evaluate as evaluate_mode
@@ -35,6 +46,14 @@ from diffax_lab.modes import train as train_mode
 
 POINT_FILE = "sweep_point.json"
 RESULTS = "results.csv"
+
+
+class SweepError(RuntimeError):
+    """Points of a parallel sweep failed (each named, with the end of its log)."""
+
+
+JOB_FILE = "sweep_job.pkl"  # --parallel: what a worker process runs
+LOG_FILE = "sweep.log"  # --parallel: a worker's stdout and stderr
 
 
 def grid_points(grid) -> list[dict]:
@@ -89,16 +108,24 @@ def is_finished(workdir: str, num_steps: int, evaluate: bool = True) -> bool:
     return not evaluate or os.path.exists(report_path(workdir, num_steps))
 
 
+def _stops(cfg, point: dict, steps) -> list[int]:
+    return sorted(set(steps)) if steps else [point_config(cfg, point).train.num_steps]
+
+
+def _write_point_file(workdir: str, point: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, POINT_FILE), "w") as f:
+        json.dump({k: _jsonable(v) for k, v in point.items()}, f)
+
+
 def run_point(cfg, point: dict, root: str, evaluate: bool = True, steps=None, log=print) -> str:
     """Trains (or resumes) and evaluates one point; returns its workdir. With ``steps``
     (ascending step counts), the run is trained to each in turn and evaluated there."""
     c = point_config(cfg, point)
     workdir = os.path.join(root, point_name(point))
     name = point_name(point)
-    stops = sorted(set(steps)) if steps else [c.train.num_steps]
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, POINT_FILE), "w") as f:
-        json.dump({k: _jsonable(v) for k, v in point.items()}, f)
+    stops = _stops(cfg, point, steps)
+    _write_point_file(workdir, point)
     for stop in stops:
         if is_finished(workdir, stop, evaluate):
             log(f"[sweep] {name} step {stop}: done, skipped")
@@ -150,20 +177,105 @@ def collect(root: str, points=None):
     return df
 
 
-def run(cfg, grid, root: str, evaluate: bool = True, steps=None, log=print):
+def run(cfg, grid, root: str, evaluate: bool = True, steps=None, log=print, parallel: int = 1):
     """Every point of ``grid`` (a dict of lists: their product; or a list of dicts) trained
     and evaluated under ``root`` (at each of ``steps`` when given, else at train.num_steps);
-    finished points are skipped. Returns ``collect``'s table."""
+    finished points are skipped. ``parallel`` > 1 runs that many points at once, each in
+    its own process. Returns ``collect``'s table."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"sweep parallel={parallel!r} must be an integer >= 1 (1 = in-process).")
     points = [typed_point(cfg, p) for p in grid_points(grid)]  # checked before any training
     if not points:
         raise ConfigError("The sweep has no points: give --grid or --point.")
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise ConfigError(f"Two sweep points share a directory name: {names}.")
+    if steps is not None and (
+        not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps)
+    ):
+        raise ConfigError(f"sweep steps={steps!r} must be positive integers (or None).")
     os.makedirs(root, exist_ok=True)
-    for p in points:
-        run_point(cfg, p, root, evaluate, steps, log)
+    if parallel > 1:
+        run_parallel(cfg, points, root, evaluate, steps, log, parallel)
+    else:
+        for p in points:
+            run_point(cfg, p, root, evaluate, steps, log)
     return collect(root, points)
+
+
+# ----- points in parallel processes -----
+MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def worker_command(job_file: str) -> list[str]:
+    """The command that runs one point's job file (tests replace it)."""
+    return [sys.executable, "-m", "diffax_lab.sweep", f"--worker={job_file}"]
+
+
+def worker_env(parallel: int) -> dict:
+    """This process's environment, the accelerator memory split ``parallel`` ways, and
+    diffax_lab importable wherever the sweep runs."""
+    env = dict(os.environ)
+    fraction = float(env.get(MEM_FRACTION, "0.75"))
+    env[MEM_FRACTION] = f"{fraction / parallel:.4f}"
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    return env
+
+
+def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: int) -> None:
+    """Each unfinished point in its own worker process, at most ``parallel`` at a time."""
+    todo = []
+    for p in points:
+        workdir = os.path.join(root, point_name(p))
+        _write_point_file(workdir, p)  # collect() finds even a point that fails
+        if all(is_finished(workdir, s, evaluate) for s in _stops(cfg, p, steps)):
+            log(f"[sweep] {point_name(p)}: done, skipped")
+            continue
+        job = os.path.join(workdir, JOB_FILE)
+        with open(job, "wb") as f:
+            pickle.dump(
+                {"cfg": cfg, "point": p, "root": root, "evaluate": evaluate, "steps": steps}, f
+            )
+        todo.append((point_name(p), job, os.path.join(workdir, LOG_FILE)))
+    env = worker_env(parallel)
+    running: dict = {}
+    failed = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            name, job, log_path = todo.pop(0)
+            out = open(log_path, "ab")  # noqa: SIM115 (closed when the process ends)
+            proc = subprocess.Popen(
+                worker_command(job), stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+            running[proc] = (name, log_path, out, time.monotonic())
+            log(f"[sweep] {name}: started (process {proc.pid}, log {log_path})")
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            name, log_path, out, t0 = running.pop(proc)
+            out.close()
+            seconds = time.monotonic() - t0
+            if proc.returncode:
+                failed.append((name, proc.returncode, log_path))
+                log(f"[sweep] {name}: FAILED (exit {proc.returncode}, {seconds:.0f} s)")
+            else:
+                log(f"[sweep] {name}: finished ({seconds:.0f} s)")
+    if failed:
+        lines = []
+        for name, rc, log_path in failed:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-1500:]
+            lines.append(f"{name} (exit {rc}, {log_path}):\n{tail}")
+        raise SweepError(f"{len(failed)} sweep point(s) failed:\n" + "\n".join(lines))
+
+
+def run_worker(job_file: str) -> int:
+    """``--worker=FILE``: runs one point's job in this process."""
+    with open(job_file, "rb") as f:
+        job = pickle.load(f)
+    compilation.enable_persistent_cache()  # points of one sweep share compiled programs
+    run_point(job["cfg"], job["point"], job["root"], job["evaluate"], job["steps"])
+    return 0
 
 
 # ----- the command line -----
@@ -189,8 +301,10 @@ def split_list(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str]):
-    """(config spec, root, grid dict, explicit points, config overrides, evaluate, steps)."""
+    """(config spec, root, grid dict, explicit points, config overrides, evaluate, steps,
+    parallel)."""
     spec = root = None
+    parallel = 1
     grid: dict = {}
     points: list = []
     overrides: dict = {}
@@ -199,7 +313,7 @@ def parse_args(argv: list[str]):
     args = iter(argv)
     for a in args:
         name, eq, value = a.partition("=")
-        if name in ("--config", "--root", "--grid", "--point", "--steps") and not eq:
+        if name in ("--config", "--root", "--grid", "--point", "--steps", "--parallel") and not eq:
             value = next(args, "")
         if name == "--config":
             spec = value
@@ -224,11 +338,15 @@ def parse_args(argv: list[str]):
             steps = [int(v) for v in split_list(value)]
         elif name == "--no_eval":
             evaluate = False
+        elif name == "--parallel":
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--parallel={value!r} must be an integer >= 1.")
+            parallel = int(value)
         else:
             raise ConfigError(f"Unknown argument {a!r}; see python -m diffax_lab.sweep --help.")
     if not spec or not root:
         raise ConfigError("--config and --root are required (see the module's docstring).")
-    return spec, root, grid, points, overrides, evaluate, steps
+    return spec, root, grid, points, overrides, evaluate, steps, parallel
 
 
 def main(argv=None) -> int:
@@ -236,12 +354,14 @@ def main(argv=None) -> int:
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         return 0
+    if len(argv) == 1 and argv[0].startswith("--worker="):
+        return run_worker(argv[0].partition("=")[2])
     try:
-        spec, root, grid, points, overrides, evaluate, steps = parse_args(argv)
+        spec, root, grid, points, overrides, evaluate, steps, parallel = parse_args(argv)
         cfg = config_lib.apply_string_overrides(config_lib.load_config(spec), overrides)
         all_points = (grid_points(grid) if grid else []) + points
-        df = run(cfg, all_points, root, evaluate, steps)
-    except (ConfigError, DataError, WorkdirError, FileNotFoundError) as e:
+        df = run(cfg, all_points, root, evaluate, steps, parallel=parallel)
+    except (ConfigError, DataError, WorkdirError, FileNotFoundError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import pandas as pd

@@ -66,7 +66,7 @@ def test_sweep_names_points_and_parses_the_command_line():
         "attention_resolutions=none,activation=gelu"
     )
     assert sweep.split_list("[(),(16,),x]") == ["()", "(16,)", "x"]
-    spec, root, grid, pts, over, ev, steps = sweep.parse_args(
+    spec, root, grid, pts, over, ev, steps, parallel = sweep.parse_args(
         [
             "--config=ddpm:tiny",
             "--root",
@@ -75,11 +75,17 @@ def test_sweep_names_points_and_parses_the_command_line():
             "--point=model.activation=gelu;seed=2",
             "--config.train.num_steps=3",
             "--steps=1,3",
+            "--parallel",
+            "3",
         ]
     )
     assert grid == {"model.attention_resolutions": ["()", "(16,)"]}
     assert pts == [{"model.activation": "gelu", "seed": "2"}] and over == {"train.num_steps": "3"}
-    assert (spec, root, ev, steps) == ("ddpm:tiny", "/tmp/r", True, [1, 3])
+    assert (spec, root, ev, steps, parallel) == ("ddpm:tiny", "/tmp/r", True, [1, 3], 3)
+    with pytest.raises(ConfigError, match="--parallel='0' must be an integer >= 1"):
+        sweep.parse_args(["--config=ddpm:tiny", "--root=/tmp/r", "--parallel=0"])
+    with pytest.raises(ConfigError, match="parallel=0 must be an integer >= 1"):
+        sweep.run(api.config("ddpm:tiny"), [{}], "/nonexistent/x", parallel=0)
     with pytest.raises(ConfigError, match="Did you mean"):
         sweep.run(api.config("ddpm:tiny"), {"model.activaton": ["gelu"]}, "/nonexistent/x")
     assert sweep.main(["--root=/tmp/x"]) == 2
@@ -109,6 +115,64 @@ def test_sweep_trains_each_point_resumes_and_collects(tiny_data, tmp_path):
     with open(os.path.join(point, "metrics.jsonl")) as f:
         assert [json.loads(x)["step"] for x in f] == [1, 2]  # resumed at 1, not restarted
     assert np.allclose(df2["test_loss"], df["test_loss"])  # resumed run is bit-identical
+
+
+@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
+@pytest.mark.slow
+def test_parallel_sweep_in_worker_processes_equals_the_in_process_sweep(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, **SMALL_UNET, **{"train.checkpoint_every": 1})
+    cfg.eval.metrics = ("loss",)
+    grid = {"train.log_every": [1, 2]}
+    df = sweep.run(cfg, grid, str(tmp_path / "a"), steps=[1, 2])
+    logs = []
+    dp = sweep.run(cfg, grid, str(tmp_path / "b"), steps=[1, 2], parallel=2, log=logs.append)
+    assert list(dp["step"]) == [1, 2, 1, 2] and np.allclose(dp["test_loss"], df["test_loss"])
+    assert sum("finished" in line for line in logs) == 2
+    logs.clear()
+    sweep.run(cfg, grid, str(tmp_path / "b"), steps=[1, 2], parallel=2, log=logs.append)
+    assert logs == ["[sweep] log_every=1: done, skipped", "[sweep] log_every=2: done, skipped"]
+
+
+FAKE_WORKER = """
+import os, pickle, sys, time
+job = pickle.load(open(sys.argv[1], "rb"))
+workdir = os.path.dirname(sys.argv[1])
+with open(os.path.join(workdir, "times"), "w") as f:
+    f.write(f"{time.time()} ")
+    time.sleep(0.4)
+    f.write(f"{time.time()} {os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']}")
+print("worker of", job["point"])
+sys.exit(3 if job["point"].get("seed") == 2 else 0)
+"""
+
+
+def test_parallel_sweep_runs_points_in_at_most_n_processes_and_reports_failures(
+    tmp_path, monkeypatch
+):
+    """The process pool alone: a stand-in worker (no JAX) per point, two at a time."""
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(sweep, "worker_command", lambda job: [sys.executable, str(script), job])
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    root, logs = str(tmp_path / "sweep"), []
+    cfg = api.config("ddpm:tiny")
+    points = [{"seed": s} for s in (0, 1, 2, 3)]
+    with pytest.raises(sweep.SweepError, match=r"1 sweep point\(s\) failed:\nseed=2 \(exit 3") as e:
+        sweep.run(cfg, points, root, steps=[1], log=logs.append, parallel=2)
+    assert "worker of {'seed': 2}" in str(e.value)  # the end of its log
+    spans = []
+    for s in (0, 1, 2, 3):
+        with open(os.path.join(root, f"seed={s}", "times")) as f:
+            start, end, fraction = f.read().split()
+        spans.append((float(start), float(end)))
+        assert fraction == "0.2500"  # the memory split two ways
+    overlap = max(sum(a < t < b for a, b in spans) for t, _ in [(a + 0.01, 0) for a, _ in spans])
+    assert overlap == 2  # two at once, never more
+    assert sum("started" in line for line in logs) == 4 and any("FAILED" in x for x in logs)
+    df = sweep.collect(root, points)
+    assert list(df["point"]) == ["seed=0", "seed=1", "seed=2", "seed=3"]  # reports still read
 
 
 def test_grid_figure_lays_out_images_with_titles():
