@@ -3,7 +3,7 @@
     python -m diffax_lab.sweep --config=configs/ddpm.py:tiny --root=workdirs/sweep \
         --grid='model.activation=[silu,gelu]' --grid='model.downsample=[conv,rearrange]' \
         [--point='model.activation=relu;model.time_embedding=channel' ...] \
-        [--config.train.num_steps=500 ...] [--steps=100,200,400] [--no_eval] [--parallel=N]
+        [--config.train.num_steps=500 ...] [--steps=100,200,400] [--no_eval] [--parallel=N] [--keep_going]
 
 Each point is trained with ``modes.train.run`` in ROOT/<name> (the name spells its
 overrides), then evaluated once with ``modes.evaluate.run`` (ROOT/<name>/eval/step_N.json).
@@ -14,13 +14,16 @@ one table, ROOT/results.csv, with a column per swept field. ``--grid`` takes the
 of its fields; ``--point`` adds explicit points (``;`` between a point's assignments), for
 ablations that change one thing at a time. Values are typed as the config's fields.
 
-``--parallel=N`` (``parallel=N`` from Python) runs up to N points at once, each in its own
-process (``python -m diffax_lab.sweep --worker=ROOT/<name>/sweep_job.pkl``, output in
-ROOT/<name>/sweep.log), e.g. the arms of an ablation sharing one GPU. Each process gets
-1/N of the accelerator memory this process was given (XLA_PYTHON_CLIENT_MEM_FRACTION,
-default 0.75); this process itself does no JAX work meanwhile. Finished points are skipped
-and interrupted ones resume exactly as in-process; a failed point is reported with the end
-of its log after the others finish.
+``--parallel=N`` (``parallel=N`` from Python; 0, the default, runs every point in this
+process) runs up to N points at once, each in its own worker process
+(``python -m diffax_lab.sweep --worker=ROOT/<name>/sweep_job.pkl``, output in
+ROOT/<name>/sweep.log), e.g. the arms of an ablation sharing one GPU. Workers allocate
+accelerator memory as they need it (XLA_PYTHON_CLIENT_PREALLOCATE=false; each capped at this
+process's XLA_PYTHON_CLIENT_MEM_FRACTION), so N small runs take what they use, not N
+preallocated shares; keep this process off the accelerator meanwhile. Finished points are
+skipped and interrupted ones resume exactly as in-process. A failed point is reported with
+the end of its log once the others finish: an error, or with ``keep_going`` (``--keep_going``)
+a log line, the table holding the points that did finish.
 
 From Python: ``diffax_lab.api.sweep(cfg, {"model.activation": ["silu", "gelu"]}, root)``,
 or ``run(cfg, [{"model.activation": "gelu"}, {...}], root)`` for explicit points.
@@ -177,13 +180,27 @@ def collect(root: str, points=None):
     return df
 
 
-def run(cfg, grid, root: str, evaluate: bool = True, steps=None, log=print, parallel: int = 1):
+def run(
+    cfg,
+    grid,
+    root: str,
+    evaluate: bool = True,
+    steps=None,
+    log=print,
+    parallel: int = 0,
+    keep_going: bool = False,
+):
     """Every point of ``grid`` (a dict of lists: their product; or a list of dicts) trained
     and evaluated under ``root`` (at each of ``steps`` when given, else at train.num_steps);
-    finished points are skipped. ``parallel`` > 1 runs that many points at once, each in
-    its own process. Returns ``collect``'s table."""
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ConfigError(f"sweep parallel={parallel!r} must be an integer >= 1 (1 = in-process).")
+    finished points are skipped. ``parallel`` >= 1 runs that many points at once, each in
+    its own worker process (0: all in this process). A failed point raises ``SweepError``
+    after the others ran; with ``keep_going`` it is logged instead. Returns ``collect``'s
+    table."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 0:
+        raise ConfigError(
+            f"sweep parallel={parallel!r} must be an integer >= 0 (0 = in this process, "
+            "N = N worker processes at a time)."
+        )
     points = [typed_point(cfg, p) for p in grid_points(grid)]  # checked before any training
     if not points:
         raise ConfigError("The sweep has no points: give --grid or --point.")
@@ -195,36 +212,44 @@ def run(cfg, grid, root: str, evaluate: bool = True, steps=None, log=print, para
     ):
         raise ConfigError(f"sweep steps={steps!r} must be positive integers (or None).")
     os.makedirs(root, exist_ok=True)
-    if parallel > 1:
-        run_parallel(cfg, points, root, evaluate, steps, log, parallel)
+    if parallel:
+        failed = run_parallel(cfg, points, root, evaluate, steps, log, parallel)
     else:
+        failed = []
         for p in points:
-            run_point(cfg, p, root, evaluate, steps, log)
+            try:
+                run_point(cfg, p, root, evaluate, steps, log)
+            except Exception as e:  # noqa: BLE001 (reported below, or re-raised)
+                if not keep_going:
+                    raise
+                failed.append(f"{point_name(p)}: {e!r}")
+    if failed:
+        message = f"{len(failed)} sweep point(s) failed:\n" + "\n".join(failed)
+        if not keep_going:
+            raise SweepError(message)
+        log(f"[sweep] {message}")
     return collect(root, points)
 
 
 # ----- points in parallel processes -----
-MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
-
-
 def worker_command(job_file: str) -> list[str]:
     """The command that runs one point's job file (tests replace it)."""
     return [sys.executable, "-m", "diffax_lab.sweep", f"--worker={job_file}"]
 
 
-def worker_env(parallel: int) -> dict:
-    """This process's environment, the accelerator memory split ``parallel`` ways, and
-    diffax_lab importable wherever the sweep runs."""
+def worker_env() -> dict:
+    """This process's environment with on-demand accelerator memory (each worker takes what
+    it uses, up to this process's fraction) and diffax_lab importable wherever it runs."""
     env = dict(os.environ)
-    fraction = float(env.get(MEM_FRACTION, "0.75"))
-    env[MEM_FRACTION] = f"{fraction / parallel:.4f}"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     return env
 
 
-def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: int) -> None:
-    """Each unfinished point in its own worker process, at most ``parallel`` at a time."""
+def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: int) -> list:
+    """Each unfinished point in its own worker process, at most ``parallel`` at a time;
+    returns the failures (name, exit status, log path and the end of the log)."""
     todo = []
     for p in points:
         workdir = os.path.join(root, point_name(p))
@@ -238,7 +263,7 @@ def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: i
                 {"cfg": cfg, "point": p, "root": root, "evaluate": evaluate, "steps": steps}, f
             )
         todo.append((point_name(p), job, os.path.join(workdir, LOG_FILE)))
-    env = worker_env(parallel)
+    env = worker_env()
     running: dict = {}
     failed = []
     while todo or running:
@@ -260,13 +285,12 @@ def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: i
                 log(f"[sweep] {name}: FAILED (exit {proc.returncode}, {seconds:.0f} s)")
             else:
                 log(f"[sweep] {name}: finished ({seconds:.0f} s)")
-    if failed:
-        lines = []
-        for name, rc, log_path in failed:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-1500:]
-            lines.append(f"{name} (exit {rc}, {log_path}):\n{tail}")
-        raise SweepError(f"{len(failed)} sweep point(s) failed:\n" + "\n".join(lines))
+    reports = []
+    for name, rc, log_path in failed:
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-1500:]
+        reports.append(f"{name} (exit {rc}, {log_path}):\n{tail}")
+    return reports
 
 
 def run_worker(job_file: str) -> int:
@@ -302,9 +326,9 @@ def split_list(text: str) -> list[str]:
 
 def parse_args(argv: list[str]):
     """(config spec, root, grid dict, explicit points, config overrides, evaluate, steps,
-    parallel)."""
+    parallel, keep_going)."""
     spec = root = None
-    parallel = 1
+    parallel, keep_going = 0, False
     grid: dict = {}
     points: list = []
     overrides: dict = {}
@@ -339,14 +363,16 @@ def parse_args(argv: list[str]):
         elif name == "--no_eval":
             evaluate = False
         elif name == "--parallel":
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"--parallel={value!r} must be an integer >= 1.")
+            if not value.isdigit():
+                raise ConfigError(f"--parallel={value!r} must be an integer >= 0.")
             parallel = int(value)
+        elif name == "--keep_going":
+            keep_going = True
         else:
             raise ConfigError(f"Unknown argument {a!r}; see python -m diffax_lab.sweep --help.")
     if not spec or not root:
         raise ConfigError("--config and --root are required (see the module's docstring).")
-    return spec, root, grid, points, overrides, evaluate, steps, parallel
+    return spec, root, grid, points, overrides, evaluate, steps, parallel, keep_going
 
 
 def main(argv=None) -> int:
@@ -357,10 +383,12 @@ def main(argv=None) -> int:
     if len(argv) == 1 and argv[0].startswith("--worker="):
         return run_worker(argv[0].partition("=")[2])
     try:
-        spec, root, grid, points, overrides, evaluate, steps, parallel = parse_args(argv)
+        spec, root, grid, points, overrides, evaluate, steps, parallel, keep_going = parse_args(
+            argv
+        )
         cfg = config_lib.apply_string_overrides(config_lib.load_config(spec), overrides)
         all_points = (grid_points(grid) if grid else []) + points
-        df = run(cfg, all_points, root, evaluate, steps, parallel=parallel)
+        df = run(cfg, all_points, root, evaluate, steps, parallel=parallel, keep_going=keep_going)
     except (ConfigError, DataError, WorkdirError, FileNotFoundError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
