@@ -49,7 +49,9 @@ __all__ = [
     "metrics_frame",
     "show",
     "sweep",
+    "sweep_point_name",
     "train",
+    "train_parallel",
 ]
 
 compilation.enable_persistent_cache()
@@ -339,6 +341,30 @@ def sweep(cfg, grid: dict, root: str, **kwargs):
     returns the DataFrame of their evaluations. ``steps=[...]`` evaluates each point at
     those step counts; ``parallel=N`` runs N points at once, each in its own process."""
     return sweep_lib.run(cfg, grid, root, **kwargs)
+
+
+def train_parallel(runs: dict, parallel: int | None = None, log=print) -> None:
+    """Trains ``{workdir: cfg}`` at once, each in its own process (``parallel`` at a time,
+    default all; 0: one after another in this process): e.g. a model, its judge and a
+    guidance classifier. Finished workdirs are skipped (``load`` them afterwards)."""
+    if parallel == 0:
+        for workdir, cfg in runs.items():
+            cfg = copy.deepcopy(cfg)
+            cfg.train.progress_bar = False
+            train_mode.run(cfg, workdir)
+        return
+    cfgs = {}
+    for workdir, cfg in runs.items():
+        cfg = copy.deepcopy(cfg)
+        cfg.train.progress_bar = False  # a worker's log is a file
+        registry.check_config(cfg)  # here, before any process starts
+        cfgs[workdir] = cfg
+    sweep_lib.train_parallel(cfgs, parallel or len(cfgs), log)
+
+
+def sweep_point_name(cfg, point: dict) -> str:
+    """The directory (under the sweep's root) of one point of ``sweep(cfg, ...)``."""
+    return sweep_lib.point_name(sweep_lib.typed_point(cfg, point))
 
 
 # ----- pictures -----

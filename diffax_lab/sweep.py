@@ -263,6 +263,13 @@ def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: i
                 {"cfg": cfg, "point": p, "root": root, "evaluate": evaluate, "steps": steps}, f
             )
         todo.append((point_name(p), job, os.path.join(workdir, LOG_FILE)))
+    return run_jobs(todo, log, parallel)
+
+
+def run_jobs(todo: list, log, parallel: int) -> list:
+    """(name, job file, log file) each in a worker process, ``parallel`` at a time; returns
+    the failures with the end of their logs."""
+    todo = list(todo)
     env = worker_env()
     running: dict = {}
     failed = []
@@ -293,12 +300,36 @@ def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: i
     return reports
 
 
+def train_parallel(runs: dict, parallel: int, log=print) -> None:
+    """Trains ``{workdir: config}`` (different tasks, say a model and its judge) at once,
+    each in its own worker process (``parallel`` at a time); a finished workdir costs
+    nothing, an interrupted one resumes. Raises ``SweepError`` naming the failed ones."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"train_parallel parallel={parallel!r} must be an integer >= 1.")
+    todo = []
+    for workdir, cfg in runs.items():
+        if is_finished(workdir, cfg.train.num_steps, evaluate=False):
+            log(f"[train] {workdir}: done, skipped")
+            continue
+        os.makedirs(workdir, exist_ok=True)
+        job = os.path.join(workdir, JOB_FILE)
+        with open(job, "wb") as f:
+            pickle.dump({"cfg": cfg, "workdir": workdir}, f)
+        todo.append((workdir, job, os.path.join(workdir, LOG_FILE)))
+    failed = run_jobs(todo, log, parallel)
+    if failed:
+        raise SweepError(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))
+
+
 def run_worker(job_file: str) -> int:
-    """``--worker=FILE``: runs one point's job in this process."""
+    """``--worker=FILE``: runs one point's job (or one training run's) in this process."""
     with open(job_file, "rb") as f:
         job = pickle.load(f)
     compilation.enable_persistent_cache()  # points of one sweep share compiled programs
-    run_point(job["cfg"], job["point"], job["root"], job["evaluate"], job["steps"])
+    if "workdir" in job:
+        train_mode.run(job["cfg"], job["workdir"])
+    else:
+        run_point(job["cfg"], job["point"], job["root"], job["evaluate"], job["steps"])
     return 0
 
 

@@ -11,17 +11,30 @@
 # %% [markdown]
 # # 02 — The U-Net's "optimizations", one at a time
 #
-# The course's optimizations lecture as an experiment: a baseline U-Net (ReLU, max-pool
-# downsampling, the time as an extra input channel, no attention), then GELU, rearrange
-# (space-to-depth) pooling, sinusoidal time embeddings and self-attention **added one at a
-# time**, and each **removed one at a time** from the full model. Same data, steps, batch
-# and seed for every arm; held-out loss and FD in the clean classifier's features (the
-# judge, `configs/classifier.py:clean`) after each of `steps`.
+# The course's optimizations lecture as an experiment. The baseline U-Net has none of them:
+# no normalisation (`model.norm="none"`), ReLU, max-pool downsampling, the time as an extra
+# input channel, plain two-conv blocks without the skip path (`model.residual=False`) and no
+# attention. Then GroupNorm, GELU, rearrange (space-to-depth) pooling, sinusoidal time
+# embeddings, residual blocks and self-attention are **added one at a time** (cumulatively:
+# the last is the full model), and each is **removed one at a time** from the full model
+# ("full − attention" is the same network as "+ residual blocks", so it is trained once).
+# Same data, steps, batch, learning rate and seed for every arm; held-out loss (ε-MSE on
+# test images) and FD / KID / precision / recall in the features of a clean classifier (the
+# judge, `configs/classifier.py:cpu,clean`, trained here at the same image size) after each
+# of `steps`.
 #
-# Not ablated, because `models/unet.py` has no switch for them: GroupNorm (always on;
-# `model.num_groups` only sets the groups) and residual blocks (always residual).
+# Full size (the defaults): Fashion-MNIST at 16x16, a two-level U-Net (base 32 channels),
+# batch 128, lr 1e-3, 1200 steps, evaluated at 400 and 1200 steps with 1000 DDIM-20 samples.
+# The 12 distinct arms train at once, each in its own process (`api.sweep(parallel=...)`),
+# on one shared GPU. Planned on an H200 shared with 7 other notebooks (estimates, compile
+# included): judge ~60 s (process start, compile, 1000 steps, test accuracy); arms to
+# step 400 ~100 s (start and ~40-60 s of compiles per arm, all at once, then 12 x 400 steps
+# at ~150-300 steps/s over all arms, evaluation); to step 1200 ~70 s (compiled programs
+# come from the persistent cache; 12 x 800 steps); samples ~20 s: ~4-4.5 minutes.
 
 # %%
+import os
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -29,105 +42,175 @@ from diffax_lab import api
 
 # %% tags=["parameters"]
 small = False  # True: the CI's seconds-long run (tests/test_notebooks.py injects it)
-root = "workdirs/notebooks"  # runs go to ROOT/02_unet_ablation/<arm>
+root = "workdirs/notebooks"  # runs go to ROOT/02_unet_ablation/<arm>, the judge to ROOT/judge16
 data_dir = ""  # '' = Fashion-MNIST from $DIFFAX_DATA_DIR or the Debian package
-judge_workdir = "workdirs/judge16"  # a clean classifier at image_size ('' = loss only)
-steps = (100,)  # evaluate each arm after these many training steps (e.g. (100, 200))
-base = {  # every arm: configs/ddpm.py:cpu at 16x16 with these fields
+judge_workdir = ""  # a clean classifier at image_size; '' = train ROOT/judge16 if absent
+judge_steps = 1000  # training steps of that judge (batch 128)
+steps = (400, 1200)  # evaluate each arm after these many training steps
+parallel = 13  # arms trained at once, each in its own process (0: one by one, in-process)
+base = {  # every arm: configs/ddpm.py:cpu (two levels, one block each) with these fields
     "data.image_size": 16,
-    "model.base_channels": 16,
-    "train.batch_size": 32,
-    "optim.warmup_steps": 50,
-    "train.log_every": 25,
-    "train.checkpoint_every": 100,
+    "model.base_channels": 32,
+    "model.num_groups": 8,
+    "model.attention_heads": 4,
+    "train.batch_size": 128,
+    "optim.lr": 1e-3,
+    "optim.warmup_steps": 100,
+    "train.log_every": 50,
+    "train.checkpoint_every": 400,
+    "train.checkpoint_every_secs": 0,
     "train.progress_bar": False,
     "eval.metrics": ("loss", "fd", "kid", "pr"),
-    "eval.num_examples": 512,
-    "eval.batch_size": 256,
-    "eval.num_samples": 256,
-    "eval.num_reference": 1000,
-    "eval.kid_subset_size": 100,
+    "eval.num_examples": 2000,  # held-out images for the loss
+    "eval.batch_size": 500,
+    "eval.num_samples": 1000,
+    "eval.num_reference": 2000,
+    "eval.kid_subset_size": 500,
     "eval.kid_num_subsets": 10,
     "eval.floor": False,
     "sample.sampler": "ddim",
     "sample.num_steps": 20,
-    "sample.batch_size": 128,
+    "sample.batch_size": 500,
 }
 
 # %%
-FULL = {
-    "model.activation": "gelu",
-    "model.downsample": "rearrange",
-    "model.time_embedding": "sinusoidal",
-    "model.attention_resolutions": (8,),
+# (field, value in the full model, value in the baseline) per optimization, in the order
+# they are added. Attention is two fields: blocks at the 8x8 level and the middle one.
+FEATURES = {
+    "GroupNorm": {"model.norm": ("group", "none")},
+    "GELU": {"model.activation": ("gelu", "relu")},
+    "rearrange pooling": {"model.downsample": ("rearrange", "maxpool")},
+    "sinusoidal t": {"model.time_embedding": ("sinusoidal", "channel")},
+    "residual blocks": {"model.residual": (True, False)},
+    "attention": {"model.attention_resolutions": ((8,), ()), "model.mid_attention": (True, False)},
 }
-BASELINE = {
-    "model.activation": "relu",
-    "model.downsample": "maxpool",
-    "model.time_embedding": "channel",
-    "model.attention_resolutions": (),
-}
-NAMES = {
-    "model.activation": "GELU",
-    "model.downsample": "rearrange pooling",
-    "model.time_embedding": "sinusoidal t",
-    "model.attention_resolutions": "attention",
-}
-arms = {"baseline": dict(BASELINE)}
-current = dict(BASELINE)
-for field, name in NAMES.items():  # added one at a time
-    current = {**current, field: FULL[field]}
-    arms["+ " + name if field != "model.attention_resolutions" else "full"] = dict(current)
-for field, name in NAMES.items():  # removed one at a time from the full model
-    if field != "model.attention_resolutions":  # full - attention = "+ sinusoidal t"
-        arms["full - " + name] = {**FULL, field: BASELINE[field]}
+if small:
+    FEATURES["attention"]["model.attention_resolutions"] = ((4,), ())
+
+
+def arm(with_features):
+    """The overrides of the arm that has exactly ``with_features``."""
+    return {
+        field: full if name in with_features else baseline
+        for name, fields in FEATURES.items()
+        for field, (full, baseline) in fields.items()
+    }
+
+
+names = list(FEATURES)
+arms = {"baseline": arm(())}
+for i, name in enumerate(names):  # added one at a time, cumulatively
+    label = "full" if i == len(names) - 1 else f"+ {name}"
+    if i == len(names) - 2:
+        label += " (= full − attention)"
+    arms[label] = arm(names[: i + 1])
+for name in names[:-1]:  # removed one at a time from the full model
+    arms[f"full − {name}"] = arm([n for n in names if n != name])
+
 if small:
     base = {
         **base,
         "data.image_size": 8,
         "model.base_channels": 8,
+        "model.num_groups": 4,
+        "model.attention_heads": 1,
         "train.batch_size": 8,
         "eval.num_examples": 16,
         "eval.batch_size": 16,
-        "sample.batch_size": 4,
+        "eval.num_samples": 8,
+        "eval.num_reference": 32,
+        "eval.kid_subset_size": 4,
+        "eval.kid_num_subsets": 2,
+        "sample.num_steps": 2,
+        "sample.batch_size": 8,
     }
     arms = {k: arms[k] for k in ("baseline", "full")}
-    FULL["model.attention_resolutions"] = (4,)
-    arms["full"]["model.attention_resolutions"] = (4,)
-    steps = (2,)  # one training stage: each stage recompiles the step
-    judge_workdir = ""  # a judge at 8x8 is not worth its training time here
+    steps, judge_steps, parallel = (2,), 2, 0  # in-process: no worker start-up on 2 cores
 if data_dir:
     base["data.dir"] = data_dir
-if not judge_workdir:
-    base["eval.metrics"] = ("loss",)
-else:
-    base["eval.judge_workdir"] = judge_workdir
-cfg = api.config("ddpm:cpu", **base)
 pd.DataFrame(arms).transpose()
 
 # %% [markdown]
-# ## Train and evaluate every arm (a sweep: one workdir an arm; rerunning skips what is done)
+# ## The judge: a clean classifier at the arms' image size (trained once, in its own process)
 
 # %%
-df = api.sweep(cfg, list(arms.values()), f"{root}/02_unet_ablation", steps=steps)
-label = {api_name: arm for arm, api_name in zip(arms, df["point"].unique(), strict=True)}
-df["arm"] = df["point"].map(label)
-cols = ["test_loss"] + [c for c in ("fd", "kid", "precision", "recall") if c in df]
-table = df.pivot_table(index="arm", columns="step", values=cols).reindex(list(arms))
+if not judge_workdir:
+    judge_over = {
+        "data.image_size": base["data.image_size"],
+        "train.batch_size": 128 if not small else 8,
+        "train.num_steps": judge_steps,
+        "train.checkpoint_every": judge_steps,
+        "train.progress_bar": False,
+    }
+    if small:
+        judge_over.update({"eval.num_examples": 32, "eval.batch_size": 16})
+    if data_dir:
+        judge_over["data.dir"] = data_dir
+    judge_cfg = api.config("classifier:cpu,clean" if not small else "classifier:tiny,clean")
+    judge_cfg = api.config(judge_cfg, **judge_over)
+    judge_df = api.sweep(judge_cfg, [{}], f"{root}/judge16", parallel=min(parallel, 1))
+    judge_workdir = f"{root}/judge16/base"
+    print(judge_df.filter(like="accuracy").round(3).to_string())
+base["eval.judge_workdir"] = os.path.abspath(judge_workdir)
+cfg = api.config("ddpm:cpu", **base)
+
+# %% [markdown]
+# ## Every arm to the first step count (a sweep: one workdir an arm; reruns skip what is done)
+
+# %%
+points = list({api.sweep_point_name(cfg, p): p for p in arms.values()}.values())  # distinct
+label_of = {}  # directory -> the arm's label (the first, where two arms are one network)
+for label, p in arms.items():
+    label_of.setdefault(api.sweep_point_name(cfg, p), label)
+cols = ["test_loss", "fd", "kid", "precision", "recall"]
+
+
+def results(steps_now):
+    df = api.sweep(
+        cfg, points, f"{root}/02_unet_ablation", steps=steps_now, parallel=parallel, keep_going=True
+    )
+    df["arm"] = df["point"].map(label_of)
+    present = [c for c in cols if c in df]
+    table = df.pivot_table(index="arm", columns="step", values=present)
+    return df, table.reindex([a for a in label_of.values() if a in table.index])
+
+
+df, table = results(steps[:1])
+table.round(4)
+
+# %% [markdown]
+# ## ... then to the last (resumed from the checkpoints above)
+
+# %%
+df, table = results(steps)
 table.round(4)
 
 # %%
-fig, axes = plt.subplots(1, 2 if "fd" in df else 1, figsize=(10, 3.5), squeeze=False)
-for arm in arms:
-    d = df[df["arm"] == arm].sort_values("step")
-    style = "o-" if arm in ("baseline", "full") or arm.startswith("+") else "s--"
-    axes[0, 0].plot(d["step"], d["test_loss"], style, label=arm)
-    if "fd" in df:
-        axes[0, 1].plot(d["step"], d["fd"], style, label=arm)
-axes[0, 0].set(xlabel="training steps", ylabel="held-out loss (eps MSE)")
-if "fd" in df:
-    axes[0, 1].set(xlabel="training steps", ylabel="FD (judge features)", yscale="log")
-axes[0, -1].legend(fontsize=7)
+metrics = [c for c in ("test_loss", "fd", "recall") if c in df]
+fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+for label in label_of.values():
+    d = df[df["arm"] == label].sort_values("step")
+    style = "o-" if not label.startswith("full −") else "s--"
+    for ax, m in zip(axes[0], metrics, strict=True):
+        ax.plot(d["step"], d[m], style, label=label)
+ylabels = {"test_loss": "held-out loss (ε MSE)", "fd": "FD (judge features)", "recall": "recall"}
+for ax, m in zip(axes[0], metrics, strict=True):
+    ax.set(xlabel="training steps", ylabel=ylabels[m], yscale="log" if m != "recall" else "linear")
+axes[0, -1].legend(fontsize=6, loc="best")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Training loss (logged every `train.log_every` steps) of every arm:
+
+# %%
+fig, ax = plt.subplots(figsize=(6.5, 3.8))
+for name, label in label_of.items():
+    m = api.metrics_frame(f"{root}/02_unet_ablation/{name}")
+    if "loss" in m:
+        ax.plot(m["step"], m["loss"], "-" if not label.startswith("full −") else "--", label=label)
+ax.set(xlabel="training steps", ylabel="training loss", yscale="log")
+ax.legend(fontsize=6)
 fig.tight_layout()
 plt.show()
 
@@ -135,6 +218,7 @@ plt.show()
 # Samples of the baseline and the full model at the last step (same noise):
 
 # %%
-for arm in ("baseline", "full"):
-    run = api.load(f"{root}/02_unet_ablation/{df[df['arm'] == arm]['point'].iloc[0]}")
-    api.show(run.sample(16 if not small else 4, seed=0), title=arm)
+for label in ("baseline", "full"):
+    name = next(n for n, a in label_of.items() if a == label)
+    run = api.load(f"{root}/02_unet_ablation/{name}")
+    api.show(run.sample(16 if not small else 4, seed=0), title=f"{label} (step {run.step})")
