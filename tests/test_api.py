@@ -186,3 +186,25 @@ def test_grid_figure_lays_out_images_with_titles():
     assert len(fig.axes) == 6  # 2 rows of 3, the last one empty
     assert [ax.get_title() for ax in fig.axes[:5]] == list("abcde")
     assert len(fig.axes[5].images) == 0
+
+
+def test_train_parallel_hands_each_run_to_a_worker_and_names_the_failed(tmp_path, monkeypatch):
+    """api.train_parallel's process side, with a stand-in worker (no JAX)."""
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import pickle, sys\n"
+        "job = pickle.load(open(sys.argv[1], 'rb'))\n"
+        "print('trains', job['workdir'], job['cfg'].train.num_steps, job['cfg'].train.progress_bar)\n"
+        "sys.exit(1 if job['workdir'].endswith('b') else 0)\n"
+    )
+    monkeypatch.setattr(sweep, "worker_command", lambda job: [sys.executable, str(script), job])
+    runs = {str(tmp_path / d): api.config("ddpm:tiny", **{"train.num_steps": 3}) for d in "ab"}
+    logs = []
+    with pytest.raises(sweep.SweepError, match=r"1 run\(s\) failed:\n.*b \(exit 1") as e:
+        api.train_parallel(runs, log=logs.append)
+    assert f"trains {tmp_path / 'b'} 3 False" in str(e.value)
+    assert sum("started" in line for line in logs) == 2
+    with pytest.raises(ConfigError, match="model.norm"):  # checked before any process starts
+        api.train_parallel({str(tmp_path / "c"): api.config("ddpm:tiny", **{"model.norm": "x"})})
