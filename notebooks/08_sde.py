@@ -53,6 +53,7 @@ sample_batch = 250  # images per compiled sampler call
 nfe = 20  # network evaluations per sample for the fixed-step samplers
 ode_tolerances = (1e-2, 1e-3)
 bpd_examples = 256  # test images for both bits/dim figures (one batch)
+bpd_probes = 2  # Hutchinson-Skilling probes per image of the ODE likelihood
 
 # %%
 common = {
@@ -222,6 +223,7 @@ for model, run in runs.items():
             "eval.bpd_num_examples": bpd_examples,
             "eval.ode_num_examples": bpd_examples,
             "eval.batch_size": bpd_examples,
+            "eval.ode_probes": bpd_probes,
         },
     )
     bpd_rows[model] = {
