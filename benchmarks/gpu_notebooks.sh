@@ -73,6 +73,7 @@ py="${PYTHON:-python3}"
 py="$("$py" -c 'import sys; print(sys.executable)')" || { echo "no python: $py" >&2; exit 2; }
 work="${NB_WORK:-/tmp/nbrun}"
 out="${OUT:-$repo/build/gpu_notebooks}"
+case "$work" in /tmp/?* | /*/*/?*) ;; *) echo "gpu_notebooks.sh: NB_WORK=$work is too close to /" >&2; exit 2 ;; esac
 rm -rf "$work"
 mkdir -p "$work"/{build,work,res/notebooks,res/logs,jupyter/kernels/python3,runtime,ipython,mpl} "$out"
 res="$work/res"
