@@ -19,9 +19,14 @@
 #
 # 1. the three SDEs (VP, sub-VP, VE) side by side;
 # 2. a DDPM model (configs/ddpm.py:cpu) and an EDM model (configs/edm.py:cpu) of the same
-#    size and training steps, sampled by PC, the ODE, DDIM, DPM-Solver++ and EDM's Heun
-#    at comparable network evaluations (FD and the judge's accuracy);
+#    size, batch and training steps, sampled by PC, the ODE, DDIM, DPM-Solver++ and EDM's
+#    Heun at comparable network evaluations (FD in a judge classifier's features and the
+#    judge's accuracy on the asked class);
 # 3. bits/dim on test images: the ODE likelihood vs the variational bound.
+#
+# Self-contained: the judge (configs/classifier.py:cpu,clean) and both models are trained
+# into `root` unless there already; a second run reuses them. Full size: about 5 minutes on
+# one H200 shared with seven other notebooks (the sizes below), hours on a 2-core CPU.
 
 # %%
 import jax
@@ -36,33 +41,46 @@ from diffax_lab.diffusion import sde as sde_lib
 
 # %% tags=["parameters"]
 small = False  # True: the CI's seconds-long run
-root = "workdirs/notebooks/08_sde"
+root = "workdirs/notebooks/08_sde"  # ROOT/judge, ROOT/ddpm, ROOT/edm
 data_dir = ""  # '' = Fashion-MNIST from $DIFFAX_DATA_DIR or the Debian package
-judge_workdir = "workdirs/clean_cpu"  # a clean classifier (configs/classifier.py:cpu,clean)
-train_steps = 2000  # both models: configs/*.py:cpu, same U-Net, batch and steps
+judge_workdir = ""  # a clean 28x28 classifier; '' = train configs/classifier.py:cpu,clean
+judge_steps = 400  # ... for this many steps of judge_batch images into ROOT/judge
+judge_batch = 256
+train_steps = 800  # both models: configs/*.py:cpu's U-Net, these steps of train_batch images
+train_batch = 128
 num_samples = 1000  # per sampler setting (FD, accuracy)
+sample_batch = 250  # images per compiled sampler call
 nfe = 20  # network evaluations per sample for the fixed-step samplers
 ode_tolerances = (1e-2, 1e-3)
-bpd_examples = 256  # test images for both bits/dim figures
+bpd_examples = 256  # test images for both bits/dim figures (one batch)
+bpd_probes = 2  # Hutchinson-Skilling probes per image of the ODE likelihood
 
 # %%
 common = {
     "train.num_steps": train_steps,
+    "train.batch_size": train_batch,
     "model.num_classes": 10,  # conditional (w = 0 at sampling): the judge's accuracy applies
     "train.p_uncond": 0.1,
-    "train.progress_bar": True,
-    "eval.judge_workdir": judge_workdir,
+    "sample.batch_size": sample_batch,
+    "sample.rtol": min(ode_tolerances),  # the ODE of run.sample (the pictures at the end)
+    "sample.atol": min(ode_tolerances),
     "eval.num_reference": 2000,
     "eval.floor": False,
     "eval.kid_subset_size": 100,
     "eval.kid_num_subsets": 10,
 }
+judge_overrides = {"train.num_steps": judge_steps, "train.batch_size": judge_batch}
+train_judge = not judge_workdir
+judge_workdir = judge_workdir or f"{root}/judge"
+common["eval.judge_workdir"] = judge_workdir
 if small:
     common.update(
         {
             "model.base_channels": 8,
+            "train.num_steps": 2,
             "train.batch_size": 8,
             "optim.warmup_steps": 1,
+            "sample.batch_size": 8,
             "eval.num_reference": 16,
             "eval.kid_subset_size": 4,
             "eval.ode_probes": 2,
@@ -70,11 +88,16 @@ if small:
             "eval.ode_atol": 1e-2,
         }
     )
-    train_steps, num_samples, nfe, bpd_examples = 2, 8, 4, 4
-    common["train.num_steps"] = train_steps
+    judge_overrides.update(
+        {"train.num_steps": 2, "train.batch_size": 8, "model.base_channels": 8,
+         "optim.warmup_steps": 1}
+    )  # fmt: skip
+    num_samples, nfe, bpd_examples, sample_batch = 8, 4, 4, 8
 if data_dir:
-    common["data.dir"] = data_dir
+    common["data.dir"] = judge_overrides["data.dir"] = data_dir
 configs = {name: api.config(f"{name}:cpu", **common) for name in ("ddpm", "edm")}
+judge_config = api.config("classifier:cpu,clean", **judge_overrides)
+assert judge_config.data.image_size == configs["ddpm"].data.image_size  # 28: the judge fits
 
 # %% [markdown]
 # ## 1. The three SDEs
@@ -115,7 +138,14 @@ api.show(np.concatenate(rows), titles=[f"{n} t={float(x):g}" for n in sdes for x
 # ## 2. Two models, the same U-Net and training: DDPM (eps, linear VP) and EDM
 
 # %%
-runs = {name: api.train(cfg, f"{root}/{name}") for name, cfg in configs.items()}
+if train_judge:  # (a finished workdir is only loaded)
+    api.train(judge_config, judge_workdir, progress=False)
+judge = api.load(judge_workdir)
+judge_accuracy = judge.evaluate(
+    metrics=("accuracy",), overrides={"eval.num_examples": 16 if small else 2000}
+)["test_accuracy"]
+runs = {name: api.train(cfg, f"{root}/{name}", progress=False) for name, cfg in configs.items()}
+print(f"judge: test accuracy {judge_accuracy:.3f} after {judge.step} steps ({judge_workdir})")
 pd.concat({n: r.metrics[["step", "loss"]].tail(3) for n, r in runs.items()})
 
 # %% [markdown]
@@ -179,14 +209,6 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Samples of both models, the same noise: EDM's Heun and the ODE.
-
-# %%
-for model, run in runs.items():
-    for sampler, steps in (("edm", (nfe + 1) // 2), ("ode", 0)):
-        api.show(run.sample(8, sampler=sampler, steps=steps, seed=0), title=f"{model}: {sampler}")
-
-# %% [markdown]
 # ## 3. Bits/dim: the exact ODE likelihood vs the variational bound
 # `bpd` is DDPM's bound on the discrete model (an upper bound on -log2 p); `ode_bpd`
 # integrates the probability-flow ODE with Hutchinson-Skilling traces and uniform
@@ -200,10 +222,21 @@ for model, run in runs.items():
         overrides={
             "eval.bpd_num_examples": bpd_examples,
             "eval.ode_num_examples": bpd_examples,
-            "eval.batch_size": min(64, bpd_examples),
+            "eval.batch_size": bpd_examples,
+            "eval.ode_probes": bpd_probes,
         },
     )
     bpd_rows[model] = {
         k: r[k] for k in ("bpd", "bpd_sem", "ode_bpd", "ode_bpd_sem", "ode_nfe") if k in r
     }
 pd.DataFrame(bpd_rows).transpose().round(3)
+
+# %% [markdown]
+# ## 4. Samples of both models, the same noise: EDM's Heun and the ODE (tolerance
+# min(ode_tolerances)), drawn by the compiled samplers of the table above.
+
+# %%
+for model, run in runs.items():
+    for sampler, steps in (("edm", (nfe + 1) // 2), ("ode", 0)):
+        images = run.sample(sample_batch, sampler=sampler, steps=steps, seed=0)
+        api.show(images[:16], ncols=8, title=f"{model}: {sampler}")
