@@ -20,7 +20,7 @@ Variants: ``tiny`` (the tests' size, seconds), ``cpu`` (sized for 2 CPU cores; e
 latent.autoencoder from configs/vae.py:cpu).
 Device and time: the default is sized for one GPU. notebooks/06_latent_diffusion.py
 compares it on an H200 with the same recipe on pixels (configs/cfg.py at 32x32) at equal
-wall-clock training time (25 s each after the compile, both with model.num_res_blocks=1,
+wall-clock training time (20 s each after the compile, both with model.num_res_blocks=1,
 optim.lr=5e-4, warm-up 100, EMA 0.99; DDIM 50 steps, w = 1): FD and judge accuracy of
 class-conditional samples, training and sampling images/s (docs/BENCHMARKS.md "Latent
 diffusion"). The full 20k steps: not yet run.

@@ -22,7 +22,7 @@ For the same conditioning on pixels: configs/text2img.py with --config.text.cond
 Variants: ``tiny`` (the tests' size: configs/clip.py:tiny's 16-wide CLIP), ``cpu`` (sized
 for 2 CPU cores; latent.autoencoder from configs/vae.py:cpu).
 Device and time: the default is sized for one GPU. notebooks/06_latent_diffusion.py trains
-it on an H200 (15 s of training after the compile, model.num_res_blocks=1, optim.lr=5e-4,
+it on an H200 (12 s of training after the compile, model.num_res_blocks=1, optim.lr=5e-4,
 warm-up 100, EMA 0.99, on its 400-step CLIP) beside the pooled-embedding pixel model of
 configs/text2img.py trained as long, and compares the two by CLIP score of samples from the
 class prompts against their own and against shuffled prompts (docs/BENCHMARKS.md "Latent

@@ -37,10 +37,10 @@ root = "workdirs/nb06"  # every run of the notebook lives under ROOT
 data_dir = ""  # '' = Fashion-MNIST from $DIFFAX_DATA_DIR or the Debian package
 vae_steps = 1000  # autoencoder training steps (configs/vae.py)
 judge_steps = 800  # the clean classifier (configs/classifier.py:cpu,clean at 32x32)
-train_seconds = 25.0  # latent vs pixel: wall-clock training time of EACH (compile excluded)
+train_seconds = 20.0  # latent vs pixel: wall-clock training time of EACH (compile excluded)
 calibration_steps = 100  # steps that measure a model's speed before its length is set
 clip_steps = 400  # configs/clip.py (the CLIP both text models condition on)
-t2i_seconds = 15.0  # training time of each text-to-image model
+t2i_seconds = 12.0  # training time of each text-to-image model
 # Every model here trains for a few hundred to a few thousand steps: a short warm-up, and an
 # EMA that forgets the initial weights within the run (0.99^500 < 1%; the configs' 0.999
 # would keep 37% of them after 1000 steps).
