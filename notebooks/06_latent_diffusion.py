@@ -116,6 +116,8 @@ def train_for(cfg, workdir, seconds):
     first, whose measured speed sets the total step count; then resumes to it."""
     first = api.config(cfg, **{"train.num_steps": calibration_steps})
     run = api.train(first, workdir)
+    if run.step > calibration_steps:  # trained by an earlier run of the notebook
+        return run
     speed = trained_seconds(run)[2] / cfg.train.batch_size  # steps/s
     total = max(calibration_steps, int(seconds * speed) if np.isfinite(speed) else 0)
     return api.train(api.config(cfg, **{"train.num_steps": total}), workdir)
@@ -215,9 +217,11 @@ vae_df.round(3)
 # The same class-conditional recipe (CFG, p_uncond 0.1, DDPM's schedule) on the 8x8x4
 # latents (`configs/ldm.py`, the training set encoded once and cached) and on the 32x32
 # pixels (`configs/cfg.py`), each trained for `train_seconds` of wall clock on this machine
-# (its speed measured over `calibration_steps` first). Samples: the same sampler, steps
-# and CFG weight for both, classes in turn; FD and the judge's accuracy on the class asked.
-# Sampling images/s: a second call of the compiled sampler (latents decoded included).
+# (its speed measured over `calibration_steps` first), both with `num_res_blocks`,
+# `diffusion_lr` and the short-run warm-up and EMA. Samples: the same sampler, steps and
+# CFG weight for both, classes in turn; FD, recall and the judge's accuracy on the class
+# asked. Sampling images/s: the batches after the first (which compiles), latents decoded
+# included.
 
 # %%
 t0 = time.time()
