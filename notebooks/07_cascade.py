@@ -49,6 +49,7 @@ sample_steps = 25  # DDIM steps of every diffusion stage
 sample_batch = 100
 
 # %%
+import ast
 import os
 import time
 
@@ -65,6 +66,9 @@ from diffax_lab.evaluators.clip_score import clip_report
 from diffax_lab.metrics.image_quality import psnr, ssim
 from diffax_lab.tasks import registry
 
+if isinstance(aug_levels, str):  # papermill -p passes a tuple as its text
+    aug_levels = ast.literal_eval(aug_levels)
+aug_levels = tuple(float(s) for s in aug_levels)
 if small:
     judge_steps = up_steps = sr_steps = base_steps = 2
     clip_steps = t2i_steps = prior_steps = 2
