@@ -123,6 +123,10 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.1}"
 export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }${NB_XLA_FLAGS---xla_gpu_autotune_level=0}"
 export DIFFAX_JAX_CACHE="${DIFFAX_JAX_CACHE:-$work/jax_cache}"
+if [ -n "$XLA_FLAGS" ] && ! "$py" -c "import jax; jax.devices()" >/dev/null 2>&1; then
+  say "this XLA refuses XLA_FLAGS='$XLA_FLAGS'; running with XLA's defaults"
+  export XLA_FLAGS=""
+fi
 params=()
 if [ "$small" = 1 ]; then
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"

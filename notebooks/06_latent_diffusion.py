@@ -57,8 +57,8 @@ gpu_autotune = False  # XLA's GPU autotuning; off: shorter compiles, cuDNN's def
 # %%
 import os
 
-if not (gpu_autotune or small):  # before JAX starts its backend (no effect once it has)
-    flags = os.environ.get("XLA_FLAGS", "")
+flags = os.environ.get("XLA_FLAGS", "")
+if not (gpu_autotune or small or "xla_gpu_autotune_level" in flags):  # before JAX starts
     os.environ["XLA_FLAGS"] = (flags + " --xla_gpu_autotune_level=0").strip()
 
 import time
