@@ -32,7 +32,7 @@ test-fast: lint
 
 # Lint, format check, the layers contract and the test suite (what CI runs after setup).
 check: lint
-	$(PYTHON) -m pytest -q -n 2 --durations=25 -m "not heavy" tests
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal --durations=25 -m "not heavy" tests
 
 # The end-to-end runs beyond CI's 10-minute budget (every notebook at small parameters,
 # cascades, sweeps, the token-conditioned text-to-image run): before a release.
