@@ -10,7 +10,9 @@
 # --limit: seconds the whole script may take (default 510, for a 540-second device call;
 #   NB_LIMIT). Each notebook is interrupted so that it ends 45 s before that, then rendered:
 #   a notebook stopped at the limit keeps the cells it ran.
-# --jobs: notebooks (lanes) at a time (default: all at once).
+# --jobs: notebooks (lanes) at a time (default 1; 0 = all at once). All eight at once on one
+# H200 failed: 20-25 processes time-sliced the GPU and each step took seconds
+# (docs/BENCHMARKS.md, "Notebook ablations").
 #
 # Each notebook runs in its own Jupyter kernel (papermill) at its own defaults (nothing is
 # injected but --small's parameters), with the kernel's working directory NB_WORK/work/NAME
@@ -41,7 +43,7 @@ set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 small=0
 limit="${NB_LIMIT:-}"
-jobs=0
+jobs=1
 names=()
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -47,7 +47,8 @@ data_dir = ""  # '' = Fashion-MNIST from $DIFFAX_DATA_DIR or the Debian package
 judge_workdir = ""  # a clean classifier at image_size; '' = train ROOT/judge16 if absent
 judge_steps = 1000  # training steps of that judge (batch 128)
 steps = (400, 1200)  # evaluate each arm after these many training steps
-parallel = 13  # arms trained at once, each in its own process (0: one by one, in-process)
+parallel = 4  # arms trained at once, each in its own process (0: one by one, in-process);
+# more processes time-slice one GPU: 20-25 at once made each step seconds (BENCHMARKS.md)
 base = {  # every arm: configs/ddpm.py:cpu (two levels, one block each) with these fields
     "data.image_size": 16,
     "model.base_channels": 32,
