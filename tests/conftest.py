@@ -56,3 +56,17 @@ def tiny_run(tiny_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny_run")
     state = train.run(tiny_config(tiny_data), str(workdir))
     return jax.device_get(state), str(workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_data, tmp_path_factory):
+    """(config, workdir) of configs/clip.py:tiny trained on ``tiny_data``; its Hugging Face
+    export is ``workdir/hf_clip``. Tests only read it (evaluation writes under eval/)."""
+    from diffax_lab.modes import train
+    from tests.helpers import load_config
+
+    config = load_config("clip.py", "tiny")
+    config.data.dir, config.data.num_examples = str(tiny_data), 0
+    workdir = str(tmp_path_factory.mktemp("tiny_clip"))
+    train.run(config, workdir)
+    return config, workdir

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
-from diffax_lab.modes import evaluate, train
+from diffax_lab.modes import evaluate
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
 from diffax_lab.tasks.clip import write_word_tokenizer
-from tests.helpers import load_config, write_fake_idx
+from tests.helpers import load_config
 
 
 def test_word_tokenizer_spells_each_caption_word_as_one_token(tmp_path):
@@ -29,12 +29,8 @@ def test_word_tokenizer_spells_each_caption_word_as_one_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_trains_evaluates_and_exports_a_loadable_clip(tmp_path):
-    data = write_fake_idx(tmp_path / "data", n_train=64, n_test=32)
-    config = load_config("clip.py", "tiny")
-    config.data.dir, config.data.num_examples = str(data), 0
-    workdir = str(tmp_path / "clip")
-    train.run(config, workdir)
+def test_trains_evaluates_and_exports_a_loadable_clip(tiny_clip):
+    config, workdir = tiny_clip  # configs/clip.py:tiny trained on 64 fake images (conftest)
     report = evaluate.run(config, workdir)
     assert report["num_examples"] == 32 and 0.0 <= report["zero_shot_accuracy"] <= 1.0
     clip, params, cfg = load_clip(f"{workdir}/hf_clip")

@@ -162,6 +162,13 @@ def test_training_starts_from_diffusers_weights(pipeline_dir, tiny_data, tmp_pat
         have = _flat(state0[name])
         assert all(np.array_equal(want[k], have[k]) for k in want), name
 
+
+@pytest.mark.heavy  # one training step of the converted network: a compile of its own
+def test_a_step_from_diffusers_weights_moves_them_a_little(pipeline_dir, tiny_data, tmp_path):
+    path, _ = pipeline_dir
+    workdir = str(tmp_path / "finetune")
+    _, loaded, _ = load_unet2d(path)
+    want = _flat(loaded["params"])
     final = jax.device_get(train.run(_from_diffusers_config(path, tiny_data), workdir))
     assert int(final["step"]) == 1
     moved = _flat(final["params"])

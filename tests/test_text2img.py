@@ -15,19 +15,17 @@ from diffax_lab.modes import evaluate, sample, train
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
 from diffax_lab.tasks.text2img import TextEncoder
-from tests.helpers import load_config, write_fake_idx
+from tests.helpers import load_config
 
 
 @pytest.mark.slow
-def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(tmp_path):
-    data = write_fake_idx(tmp_path / "data", n_train=64, n_test=32)
-    clip = load_config("clip.py", "tiny")
-    clip.data.dir, clip.data.num_examples = str(data), 0
-    train.run(clip, str(tmp_path / "clip"))
-
+def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(
+    tiny_data, tiny_clip, tmp_path
+):
+    data = tiny_data  # 64 train and 32 test fake images, and a CLIP trained on them (conftest)
     config = load_config("text2img.py", "tiny")
     config.data.dir, config.data.num_examples = str(data), 0
-    config.text.clip_dir = str(tmp_path / "clip" / "hf_clip")
+    config.text.clip_dir = os.path.join(tiny_clip[1], "hf_clip")
     workdir = str(tmp_path / "t2i")
     train.run(config, workdir)
     cached = glob.glob(os.path.join(workdir, "clip_embeddings_train_*.npz"))
