@@ -42,6 +42,7 @@ def jitted(model, method="__call__"):
     return jax.jit(lambda params, *args: model.apply({"params": params}, *args, method=method))
 
 
+@pytest.mark.slow  # trains the module's shared vae run
 def test_trains_samples_and_evaluates_through_the_modes(vae_run):
     config, workdir, params = vae_run
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -75,6 +76,7 @@ def test_trains_samples_and_evaluates_through_the_modes(vae_run):
     assert report["rate_bpd"] == pytest.approx(np.mean(kl_nats / (1024 * np.log(2))), rel=1e-4)
 
 
+@pytest.mark.slow  # trains the module's shared vae run
 def test_exported_hf_vae_loads_and_decodes_identically(vae_run):
     config, workdir, params = vae_run
     module, loaded, ae = load_autoencoder_kl(os.path.join(workdir, "hf_vae"))
@@ -96,6 +98,7 @@ def test_exported_hf_vae_loads_and_decodes_identically(vae_run):
     assert ae.scaling_factor != pytest.approx(1.0, abs=0.05)  # it was estimated, not kept
 
 
+@pytest.mark.slow  # trains the module's shared vae run
 def test_a_latent_model_gets_the_same_latents_from_the_run_and_from_its_hf_vae(vae_run, tmp_path):
     """tasks/latent_diffusion.py takes this run's workdir (EMA weights restored through the
     frozen_autoencoder hook) or its exported diffusers folder alike."""

@@ -68,6 +68,7 @@ def build(config, workdir, mode):
     return task
 
 
+@pytest.mark.slow  # trains the module's shared ldm run
 def test_trains_on_latents_then_samples_and_evaluates_decoded_images(ldm_run):
     config, workdir = ldm_run
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -89,6 +90,7 @@ def test_trains_on_latents_then_samples_and_evaluates_decoded_images(ldm_run):
     assert 0.5 < report["test_loss"] < 2.0
 
 
+@pytest.mark.slow  # trains the module's shared ldm run
 def test_the_estimated_scale_factor_gives_unit_variance_training_latents(ldm_run):
     config, workdir = ldm_run
     with open(os.path.join(workdir, "latent_scale.json")) as f:
@@ -147,6 +149,7 @@ def test_what_latent_space_cannot_do_is_refused(data, hf_vae, overrides, match):
         registry.check_config(ldm_config(data, hf_vae, **overrides))
 
 
+@pytest.mark.slow  # trains the module's shared ldm run
 def test_the_autoencoder_source_is_checked_when_the_task_is_built(data, hf_vae, ldm_run, tmp_path):
     mesh = sharding.make_mesh(1)
     with pytest.raises(ConfigError, match="is not a directory"):
@@ -159,6 +162,7 @@ def test_the_autoencoder_source_is_checked_when_the_task_is_built(data, hf_vae, 
         registry.build(ldm_config(data, hf_vae, **{"data.channels": 3}), mesh)
 
 
+@pytest.mark.slow  # trains the module's shared ldm run
 def test_a_resumed_run_reuses_the_cached_latents_and_the_recorded_scale(ldm_run, hf_vae, tmp_path):
     config, workdir = ldm_run
     (cache,) = glob.glob(os.path.join(workdir, "latents_train_*.npz"))
