@@ -20,9 +20,11 @@
 # relative path land there, so notebooks share no workdir and must train what they need.
 # NB_LANES="03_samplers+04_guidance" runs those two one after the other in one directory.
 # The GPU is shared: each process may take XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.1) of
-# its memory, allocated as needed; XLA_FLAGS defaults to --xla_gpu_autotune_level=0 (no
-# autotuning of convolutions and GEMMs: shorter compiles; results unchanged up to
-# floating-point order) unless NB_XLA_FLAGS says otherwise ('' for XLA's defaults).
+# its memory, allocated as needed. XLA_FLAGS gets NB_XLA_FLAGS (default: none, XLA's own
+# defaults). Never --xla_gpu_autotune_level=0: it saved 3 s of a 18.5 s compile and made the
+# U-Net of configs/ddpm.py:cpu 11x slower to train and 99x slower forward on an H200 (cuDNN's
+# first algorithm instead of the fastest; docs/BENCHMARKS.md, "Notebook ablations"). It,
+# not time-slicing alone, is why the earlier all-at-once runs took seconds per step.
 #
 # Missing Python packages (papermill, nbconvert, jupytext, ipykernel, ml_collections, ...)
 # are installed from the repository's .whl/ (NB_WHEELS) into NB_WORK/site. Fashion-MNIST comes from
@@ -123,7 +125,7 @@ unset MPLBACKEND # the kernel's inline backend draws the figures into the notebo
 # 3. JAX on a shared GPU, the compilation cache, the data.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.1}"
-export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }${NB_XLA_FLAGS---xla_gpu_autotune_level=0}"
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }${NB_XLA_FLAGS:-}"
 export DIFFAX_JAX_CACHE="${DIFFAX_JAX_CACHE:-$work/jax_cache}"
 if [ -n "$XLA_FLAGS" ] && ! "$py" -c "import jax; jax.devices()" >/dev/null 2>&1; then
   say "this XLA refuses XLA_FLAGS='$XLA_FLAGS'; running with XLA's defaults"

@@ -52,15 +52,9 @@ num_res_blocks = 1  # of those U-Nets (their configs have 2): less to compile, f
 num_eval_samples = 1000  # samples per FD / judge accuracy (against 10,000 test images)
 num_clip_samples = 500  # samples per text model for the CLIP scores (10 prompts in turn)
 tiny_models = False  # True: every config's :tiny variant (a quick CPU check of this path)
-gpu_autotune = False  # XLA's GPU autotuning; off: shorter compiles, cuDNN's default algorithms
 
 # %%
 import os
-
-flags = os.environ.get("XLA_FLAGS", "")
-if not (gpu_autotune or small or "xla_gpu_autotune_level" in flags):  # before JAX starts
-    os.environ["XLA_FLAGS"] = (flags + " --xla_gpu_autotune_level=0").strip()
-
 import time
 
 import jax

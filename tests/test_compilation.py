@@ -56,3 +56,38 @@ def test_second_compile_is_served_from_the_cache(tmp_path):
         from jax.experimental.compilation_cache import compilation_cache
 
         compilation_cache.reset_cache()
+
+
+def test_in_memory_executables_are_shared_only_by_the_same_program():
+    """compile_lowered: a new jit of the same program (a new task of the same config) gets
+    the executable compiled before; another closed-over array, shape or static argument
+    is another program, and every result is that program's own."""
+    devices = jax.devices()[:1]
+    x = jnp.arange(4.0)
+
+    def scaled(c):  # a fresh closure each call, as a new task builds its step
+        c = jnp.asarray(c)
+        return jax.jit(lambda v: v * c)
+
+    first = compilation.compile_lowered(scaled([1.0, 2.0, 3.0, 4.0]).lower(x), devices)
+    hits = compilation.stats["hits"]
+    again = compilation.compile_lowered(scaled([1.0, 2.0, 3.0, 4.0]).lower(x), devices)
+    assert again is first and compilation.stats["hits"] == hits + 1
+    other = compilation.compile_lowered(scaled([1.0, 2.0, 3.0, 5.0]).lower(x), devices)
+    assert other is not first
+    np.testing.assert_array_equal(other(x), [0.0, 2.0, 6.0, 15.0])
+    np.testing.assert_array_equal(first(x), [0.0, 2.0, 6.0, 12.0])
+    longer = compilation.compile_lowered(scaled(2.0).lower(jnp.arange(5.0)), devices)
+    np.testing.assert_array_equal(longer(jnp.arange(5.0)), 2.0 * np.arange(5.0))
+
+    def power(v, s, n=1):
+        return v**n * s
+
+    a = compilation.Reusing(power, devices=devices, static_argnames=("n",))
+    b = compilation.Reusing(power, devices=devices, static_argnames=("n",))
+    np.testing.assert_array_equal(a(x, 2.0, n=2), 2.0 * x**2)
+    hits = compilation.stats["hits"]
+    np.testing.assert_array_equal(b(x, 3.0, n=2), 3.0 * x**2)  # s is an argument
+    assert compilation.stats["hits"] == hits + 1
+    np.testing.assert_array_equal(b(x, 3.0, n=3), 3.0 * x**3)  # n is part of the program
+    assert compilation.stats["hits"] == hits + 1

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from diffax_lab import checkpointing, evaluators
+from diffax_lab import checkpointing, compilation, evaluators
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.data import pipeline
 from diffax_lab.distributed import is_main_process
@@ -280,7 +280,9 @@ def _train(config, workdir, mesh, task):
 
         logging.info("Compiling the train step (batch %d)...", config.train.batch_size)
         t0 = time.perf_counter()
-        train_step = train_step.lower(state, *batch_for(start)).compile()
+        train_step = compilation.compile_lowered(
+            train_step.lower(state, *batch_for(start)), task.mesh.devices.flat
+        )
         logging.info(
             "Compiled in %.1f s; per device %s.", time.perf_counter() - t0, memory_line(train_step)
         )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffax_lab import images
+from diffax_lab import compilation, images
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.config_lib import (
     DEFAULT_CONFIG,
@@ -550,7 +550,9 @@ class DenoisingTask(Task):
                 **self.sampler_kwargs(),
             )
 
-        return jax.jit(run, static_argnames=("num_traj",))
+        return compilation.Reusing(
+            run, devices=self.mesh.devices.flat, static_argnames=("num_traj",)
+        )
 
     def generate(
         self,
