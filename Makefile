@@ -57,6 +57,7 @@ notebooks:
 	  name=$$(basename $$nb .py); \
 	  $(PYTHON) -m jupytext --to ipynb --output $(NB_BUILD)/$$name.ipynb $$nb; \
 	  $(PYTHON) -m papermill --cwd $(CURDIR) $(NB_PARAMS) $(NB_BUILD)/$$name.ipynb $(NB_BUILD)/$$name.run.ipynb; \
+	  $(PYTHON) -m benchmarks.terminal_streams $(NB_BUILD)/$$name.run.ipynb; \
 	  $(PYTHON) -m jupyter nbconvert --to markdown --output-dir docs/notebooks --output $$name $(NB_BUILD)/$$name.run.ipynb; \
 	done
 	$(PYTHON) -m ruff format docs/notebooks  # the rendered code blocks, as `make lint` checks them

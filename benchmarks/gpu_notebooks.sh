@@ -217,6 +217,8 @@ run_one() { # NAME LANE_DIR: jupytext -> papermill (interrupted at the deadline)
   rc=$?
   case $rc in 0) status=ok ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
   if [ -f "$res/notebooks/$name.ipynb" ]; then
+    PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$py" -m benchmarks.terminal_streams \
+      "$res/notebooks/$name.ipynb" >>"$log" 2>&1
     "$py" -m nbconvert --to markdown --output-dir "$res/notebooks" --output "$name" \
       "$res/notebooks/$name.ipynb" >>"$log" 2>&1 || status="$status,render-failed"
   fi

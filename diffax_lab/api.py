@@ -15,10 +15,14 @@ trains, the task's ``generate`` samples, the evaluators of ``modes.common`` eval
 keeps one task per sampling/evaluation setting (its jitted sampler with it), so repeated
 calls with the same sampler, steps and batch compile once; the guidance weight is an
 argument of the compiled sampler, not a constant of it. Nothing is global: every Run holds
-its own config copy, tasks and compiled functions. The one process-wide setting is JAX's
-persistent compilation cache (``diffax_lab.compilation``, as ``main`` does): importing this
-module points it at the user's cache directory ($DIFFAX_JAX_CACHE, ``off`` to disable), so a
-notebook restarted on the same config loads its compiled steps instead of compiling again.
+its own config copy, tasks and compiled functions. The process-wide state is compiled code
+only (``diffax_lab.compilation``): JAX's persistent compilation cache, which importing this
+module points at the user's cache directory ($DIFFAX_JAX_CACHE, ``off`` to disable), so a
+notebook restarted on the same config loads its compiled steps instead of compiling again;
+and, within one process, the executables of train steps and samplers kept by program text
+(``compilation.compile_lowered``), so training the same config again (a sweep point rerun,
+a cell run twice) reuses the executable instead of reading it back from disk (7 s for the
+tiny U-Net's train step on 2 CPU cores).
 """
 
 from __future__ import annotations

@@ -69,3 +69,20 @@ def test_benchmark_modules_import_together_without_flag_clashes():
     ):
         importlib.import_module(f"benchmarks.{name}")
     assert set(flags.FLAGS) == before
+
+
+def test_notebook_streams_render_as_a_terminal_shows_them():
+    """A progress bar redrawn with carriage returns keeps only its last state; other lines
+    and other streams stay as they are."""
+    from benchmarks.terminal_streams import merge_streams
+
+    bar = [{"output_type": "stream", "name": "stderr", "text": f"\rtrain: {i}/3"} for i in range(4)]
+    outputs = [
+        {"output_type": "stream", "name": "stdout", "text": "a\nb\n"},
+        *bar,
+        {"output_type": "stream", "name": "stderr", "text": "\ndone\n"},
+        {"output_type": "display_data", "data": {}},
+        {"output_type": "stream", "name": "stderr", "text": "x\ry\n"},
+    ]
+    merged = merge_streams(outputs)
+    assert [o.get("text") for o in merged] == ["a\nb\n", "train: 3/3\ndone\n", None, "y\n"]

@@ -20,7 +20,7 @@ from diffax_lab.main import MODES
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
 from diffax_lab.tasks.base import Task
-from tests.helpers import tiny_config, write_fake_idx
+from tests.helpers import load_config, tiny_config, write_fake_idx
 
 
 @registry.register
@@ -156,3 +156,19 @@ def test_the_loop_estimates_the_run_after_its_first_steps(tmp_path, caplog):
     config = toy_config(write_fake_idx(tmp_path / "d"), **{"train.num_steps": 12})
     MODES["train"].run(config, str(tmp_path / "run"))
     assert re.search(r"s/step: the remaining \d+ steps take about", caplog.text)
+
+
+@pytest.mark.parametrize(
+    "config_name", ["superres.py", "upsampler.py", "vae.py", "classifier.py", "clip.py"]
+)
+def test_a_task_without_its_own_section_is_refused_naming_it(config_name):
+    """Task.section: the task's own config section must exist, checked before the rest."""
+    config = load_config(config_name, "tiny")
+    task = registry.get(config.task)
+    assert task.section and task.section in config
+    with config.unlocked():
+        del config[task.section]
+    with pytest.raises(
+        ConfigError, match=rf"config.task='{task.name}' needs a config.{task.section} section"
+    ):
+        registry.check_config(config)

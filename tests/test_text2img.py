@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from diffax_lab.evaluators.clip_score import clip_report
+from diffax_lab.models.text_context import ClipEmbedder
 from diffax_lab.modes import evaluate, sample, train
 from diffax_lab.sharding import make_mesh
 from diffax_lab.tasks import registry
-from diffax_lab.tasks.text2img import TextEncoder
 from tests.helpers import load_config
 
 
@@ -38,9 +38,9 @@ def test_text2img_trains_on_cached_image_embeddings_and_draws_prompts(
 
     # The conditioning CLIP computes in model.dtype (it was loaded in float32 whatever the
     # config said), and its cached embeddings are keyed by that dtype.
-    bf16 = TextEncoder(config.text.clip_dir, dtype=jnp.bfloat16)
+    bf16 = ClipEmbedder(config.text.clip_dir, dtype=jnp.bfloat16)
     assert bf16.model.dtype == jnp.bfloat16
-    assert bf16.name != TextEncoder(config.text.clip_dir).name
+    assert bf16.name != ClipEmbedder(config.text.clip_dir).name
 
     out = sample.run(config, workdir)
     grid = out["grid"].replace(".png", "_prompts.png")

@@ -1,4 +1,4 @@
-"""CLIP's image preprocessing in JAX, and the CLIP score (Hessel et al. 2021) of a set of
+"""The CLIP score (Hessel et al. 2021) of a set of
 image-caption pairs.
 
 ``clip_score`` is torchmetrics' CLIP score (``torchmetrics.functional.multimodal.clip_score``
@@ -7,10 +7,8 @@ mean. ``per_image_clip_scores`` is 100 * max(cos, 0) for each pair, the clamp on
 (Hessel et al.'s CLIP-S, with w = 100 for their 2.5): its mean is not torchmetrics' score,
 and is larger whenever a pair's cosine is negative.
 
-``clip_preprocess`` follows CLIPImageProcessor: resize the shorter side to the model's
-size (bicubic), centre crop, scale to [0, 1], normalise with CLIP's mean and std; grey
-images are repeated to three channels. (Its bicubic resize is JAX's, not PIL's: pixel
-values differ slightly from the PyTorch pipeline, by design of no Pillow inside jit.)
+``clip_preprocess`` (CLIP's image preprocessing in JAX) lives with the model in
+``diffax_lab/models/clip.py`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -20,24 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_preprocess(images, size: int):
-    """uint8 [0, 255] or float [0, 1] images [B, H, W, C] (C = 1 or 3) -> [B, size, size, 3]."""
-    x = images.astype(jnp.float32)
-    if jnp.issubdtype(images.dtype, jnp.integer):
-        x = x / 255.0
-    if x.shape[-1] == 1:
-        x = jnp.repeat(x, 3, axis=-1)
-    b, h, w, c = x.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = jax.image.resize(x, (b, nh, nw, c), method="bicubic")
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = jnp.clip(x[:, top : top + size, left : left + size], 0.0, 1.0)
-    return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+from diffax_lab.models.clip import CLIP_MEAN, CLIP_STD, clip_preprocess  # noqa: F401
 
 
 def cosine(a, b):

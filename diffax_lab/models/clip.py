@@ -4,7 +4,7 @@ its state-dict names one to one, so Hugging Face checkpoints load by a mechanica
 ``CLIP(config).apply(params, input_ids, pixel_values, attention_mask=None)`` returns
 (logits_per_image, logits_per_text, text_embeds, image_embeds); ``method="encode_text"`` /
 ``"encode_image"`` give the projected (unnormalised) embeddings alone. Images are NHWC,
-already preprocessed (``clip_preprocess`` in diffax_lab.metrics.clip_score). Text: causal
+already preprocessed (``clip_preprocess`` below). Text: causal
 self-attention, the padding mask, pooling at the end-of-text token (the first
 ``eos_token_id``; the largest id for configs whose eos id is the legacy 2, as in
 transformers). Vision: patch convolution without bias, class token, pre-LN ("pre_layrnorm",
@@ -25,6 +25,29 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# CLIP's image preprocessing, as CLIPImageProcessor: resize the shorter side to the model's
+# size (bicubic), centre crop, scale to [0, 1], normalise with CLIP's mean and std; grey
+# images are repeated to three channels. (Its bicubic resize is JAX's, not PIL's: pixel
+# values differ slightly from the PyTorch pipeline, by design of no Pillow inside jit.)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images, size: int):
+    """uint8 [0, 255] or float [0, 1] images [B, H, W, C] (C = 1 or 3) -> [B, size, size, 3]."""
+    x = images.astype(jnp.float32)
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        x = x / 255.0
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    b, h, w, c = x.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = jax.image.resize(x, (b, nh, nw, c), method="bicubic")
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = jnp.clip(x[:, top : top + size, left : left + size], 0.0, 1.0)
+    return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +256,7 @@ class VisionEmbeddings(nn.Module):
         if h != c.image_size or w != c.image_size:
             raise ValueError(
                 f"CLIP takes {c.image_size}x{c.image_size} images, got {h}x{w}; "
-                "preprocess with diffax_lab.metrics.clip_score.clip_preprocess."
+                "preprocess with diffax_lab.models.clip.clip_preprocess."
             )
         cls = self.param("class_embedding", nn.initializers.normal(0.02), (c.hidden_size,))
         patches = nn.Conv(

@@ -1,6 +1,11 @@
-"""Text as a token sequence for cross-attention (Stable Diffusion's conditioning), shared by
-the text-to-image and latent-diffusion tasks (``text.conditioning = "tokens"``).
+"""CLIP text (and image) encoders as the text-conditioned tasks use them: the pooled
+embeddings of text2img and the unCLIP prior, and the token sequence for cross-attention
+(Stable Diffusion's conditioning) of text2img and latent diffusion
+(``text.conditioning = "tokens"``).
 
+- ``ClipDir``: a CLIP directory loaded once (model, parameters, tokenizer, weight digest).
+- ``ClipEmbedder``: L2-normalised image and text embeddings (``text.conditioning =
+  "pooled"``, the prior).
 - ``TokenEncoder``: a CLIP directory (Hugging Face layout) -> for each prompt, the text
   encoder's last hidden states [L, hidden_size] (after the final LayerNorm, as Stable
   Diffusion's ``encoder_hidden_states``) and its attention mask [L] (True for real tokens,
@@ -19,8 +24,7 @@ the text-to-image and latent-diffusion tasks (``text.conditioning = "tokens"``).
   guidance's null condition, as Stable Diffusion's), and ``context_inputs`` for
   ``init_params``.
 
-Not here: the cross-attention blocks (``transformer.py``), the pooled-embedding conditioning
-(``tasks/text2img.py``'s ``TextEncoder``).
+Not here: the cross-attention blocks (``transformer.py``).
 """
 
 from __future__ import annotations
@@ -34,32 +38,102 @@ import numpy as np
 
 from diffax_lab.config_lib import check_number
 from diffax_lab.errors import ConfigError
+from diffax_lab.models.clip import clip_preprocess
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
 
 CONDITIONINGS = ("pooled", "tokens")
 NULL_PROMPT = ""
 
 
-class TokenEncoder:
-    """A CLIP directory's text encoder as prompts -> (last hidden states, mask)."""
+class ClipDir:
+    """A CLIP directory (Hugging Face layout) loaded once: the Flax CLIP, its parameters
+    (computing in ``dtype``), config and tokenizer, and ``digest``, a hash of the weights
+    that names whatever is cached from them. ``field`` names the config field in errors."""
 
     def __init__(self, clip_dir: str, field: str = "config.text.clip_dir", dtype=jnp.float32):
         if not clip_dir:
             raise ConfigError(
                 f"{field} is empty: give a CLIP directory (Hugging Face layout), "
-                "e.g. workdirs/clip/hf_clip from configs/clip.py."
+                "e.g. workdirs/clip/hf_clip from configs/clip.py, or a hub id when online."
             )
         try:
             self.model, self.params, self.config = load_clip(clip_dir, dtype)
             self.tokenizer = load_tokenizer(clip_dir)
         except FileNotFoundError as e:
             raise ConfigError(f"{field}={clip_dir!r}: {e}") from e
-        self.dim = self.config.text.hidden_size
-        self.length = self.config.text.max_position_embeddings
+        self.clip_dir = clip_dir
+        self.dtype = jnp.dtype(dtype)
         h = hashlib.sha256()
         for x in jax.tree.leaves(self.params):
             h.update(np.asarray(x).tobytes())
         self.digest = h.hexdigest()[:12]
+
+    def tokenize(self, prompts) -> tuple[jax.Array, np.ndarray]:
+        """(int ids [N, L], int mask [N, L]) padded to the text encoder's length L."""
+        t = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.config.text.max_position_embeddings,
+            truncation=True,
+            return_tensors="np",
+        )
+        return jnp.asarray(t["input_ids"]), np.asarray(t["attention_mask"])
+
+
+class ClipEmbedder(ClipDir):
+    """L2-normalised CLIP image and text embeddings (``dim`` = the projection size): the
+    pooled conditioning of text2img and the prior's space. Also a feature extractor
+    (``name``, ``__call__`` on uint8 images) for the cached-features helpers."""
+
+    def __init__(self, clip_dir: str, field: str = "config.text.clip_dir", dtype=jnp.float32):
+        super().__init__(clip_dir, field, dtype)
+        self.dim = self.config.projection_dim
+        self.name = f"clip-{self.digest}-{self.dtype.name}"
+        size = self.config.vision.image_size
+
+        def norm(e):
+            e = e.astype(jnp.float32)
+            return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+        self._images = jax.jit(
+            lambda x_u8: norm(
+                self.model.apply(
+                    {"params": self.params}, clip_preprocess(x_u8, size), method="encode_image"
+                )
+            )
+        )
+        self._texts = jax.jit(
+            lambda ids, mask: norm(
+                self.model.apply({"params": self.params}, ids, mask, method="encode_text")
+            )
+        )
+
+    def embed_images(self, images_u8: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        return np.concatenate(
+            [
+                np.asarray(self._images(images_u8[i : i + batch_size]))
+                for i in range(0, len(images_u8), batch_size)
+            ]
+        )
+
+    __call__ = embed_images
+
+    def embed_texts(self, prompts, batch_size: int = 500) -> np.ndarray:
+        prompts = list(prompts)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = self.tokenize(prompts[i : i + batch_size])
+            out.append(np.asarray(self._texts(ids, jnp.asarray(mask))))
+        return np.concatenate(out)
+
+
+class TokenEncoder(ClipDir):
+    """A CLIP directory's text encoder as prompts -> (last hidden states, mask)."""
+
+    def __init__(self, clip_dir: str, field: str = "config.text.clip_dir", dtype=jnp.float32):
+        super().__init__(clip_dir, field, dtype)
+        self.dim = self.config.text.hidden_size
+        self.length = self.config.text.max_position_embeddings
 
         @jax.jit
         def hidden(ids, mask):
@@ -77,15 +151,8 @@ class TokenEncoder:
 
     def encode(self, prompts) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [N, L, hidden_size], bool [N, L]) of a list of prompts."""
-        t = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.length,
-            truncation=True,
-            return_tensors="np",
-        )
-        ids, mask = jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"])
-        return np.asarray(self._hidden(ids, mask)), np.asarray(t["attention_mask"]).astype(bool)
+        ids, mask = self.tokenize(prompts)
+        return np.asarray(self._hidden(ids, jnp.asarray(mask))), mask.astype(bool)
 
 
 class TokenTable:
@@ -131,6 +198,23 @@ def check_text_conditioning(config) -> str:
             "config.model.cross_attention_dim > 0 needs config.text.conditioning='tokens'."
         )
     return kind
+
+
+def check_class_prompts(config) -> None:
+    """text.class_names (non-empty strings in label order) and text.template (one '{}'):
+    the class prompts every text-conditioned task evaluates and builds captions from."""
+    names = tuple(config.text.get("class_names", ()))
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(
+            "config.text.class_names must list the dataset's class names (non-empty strings, "
+            "in label order): captions and the evaluation's class prompts are built from them."
+        )
+    template = config.text.get("template", "")
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ConfigError(
+            f"config.text.template={template!r} must contain '{{}}' once, where the class "
+            "name goes (e.g. 'a photo of a {}')."
+        )
 
 
 def build_token_table(config, encoder: TokenEncoder, templates) -> TokenTable:

@@ -88,16 +88,14 @@ def _count_steps() -> optax.GradientTransformation:
 @register
 class AutoencoderTask(Task):
     name = "autoencoder"
+    section = "autoencoder"
+    section_hint = "see configs/vae.py"
     can_sample = True
     metrics = ("loss", "reconstruction", "fd", "kid", "pr")
 
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        if "autoencoder" not in config:
-            raise ConfigError(
-                "config.task='autoencoder' needs a config.autoencoder section (configs/vae.py)."
-            )
         if config.model.get("name") != "autoencoder_kl":
             raise ConfigError(
                 f"config.model.name={config.model.get('name')!r}: the autoencoder task trains "

@@ -135,6 +135,10 @@ class Task:
     # Evaluators (diffax_lab/evaluators) this task supports; default_metrics() picks the
     # ones that run when config.eval.metrics is empty.
     metrics: ClassVar[tuple[str, ...]] = ()
+    # The config section of this task's own fields (e.g. "superres"), checked to exist
+    # before anything else, with a hint of what it holds; "" for none.
+    section: ClassVar[str] = ""
+    section_hint: ClassVar[str] = ""
 
     def __init__(self, config, mesh: jax.sharding.Mesh):
         self.config = config
@@ -157,6 +161,11 @@ class Task:
     @classmethod
     def check_config(cls, config) -> None:
         """Raises ConfigError naming the first bad field of the sections this task reads."""
+        if cls.section and cls.section not in config:
+            raise ConfigError(
+                f"config.task={cls.name!r} needs a config.{cls.section} section "
+                f"({cls.section_hint})."
+            )
         check_common(config)
         metrics = tuple(config.eval.get("metrics", ()))
         unknown = [m for m in metrics if m not in cls.metrics]

@@ -58,16 +58,13 @@ def _entry(values, i, default):
 @register
 class CascadeTask(Task):
     name = "cascade"
+    section = "cascade"
+    section_hint = "the base and upsampler workdirs: see configs/cascade.py"
     can_sample = True
     metrics = ("fd", "kid", "pr", "clip_score")
 
     @classmethod
     def check_config(cls, config) -> None:
-        if "cascade" not in config:
-            raise ConfigError(
-                "config.task='cascade' needs a config.cascade section naming the base and "
-                "upsampler workdirs: see configs/cascade.py."
-            )
         super().check_config(config)
         k = config.cascade
         if config.train.num_steps:

@@ -48,13 +48,13 @@ class ClassifierFeatures:
 @register
 class ClassifierTask(Task):
     name = "classifier"
+    section = "classifier"
+    section_hint = "noise: see configs/classifier.py"
     metrics = ("accuracy",)
 
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        if "classifier" not in config:
-            raise ConfigError("config.task='classifier' needs a config.classifier section.")
         check_choice(config, "classifier.noise", NOISES)
         check_unet_section(config)
         check_diffusion_section(config)

@@ -78,13 +78,13 @@ def write_word_tokenizer(path: str, texts) -> None:
 @register
 class ClipTask(Task):
     name = "clip"
+    section = "clip"
+    section_hint = "see configs/clip.py"
     metrics = ("zero_shot",)
 
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        if "clip" not in config:
-            raise ConfigError("config.task='clip' needs a config.clip section (configs/clip.py).")
         for f in (
             "vocab_size",
             "context_length",

@@ -71,6 +71,7 @@ from diffax_lab.models.text_context import (
     TokenConditioning,
     TokenEncoder,
     build_token_table,
+    check_class_prompts,
     check_text_conditioning,
     conditional_view,
 )
@@ -161,18 +162,7 @@ class LatentDiffusionTask(TokenConditioning, DenoisingTask):
                     "config.model.num_classes must be 0 with text conditioning (the class "
                     "enters as its caption)."
                 )
-            names = tuple(config.text.get("class_names", ()))
-            if not names or not all(isinstance(n, str) and n.strip() for n in names):
-                raise ConfigError(
-                    "config.text.class_names must list the dataset's class names in label "
-                    "order (the captions are built from them)."
-                )
-            template = config.text.get("template", "")
-            if not isinstance(template, str) or template.count("{}") != 1:
-                raise ConfigError(
-                    f"config.text.template={template!r} must contain '{{}}' once, where the "
-                    "class name goes (e.g. 'a photo of a {}')."
-                )
+            check_class_prompts(config)
         elif config.model.get("cross_attention_dim", 0):
             raise ConfigError(
                 "config.model.cross_attention_dim > 0 needs a config.text section with "

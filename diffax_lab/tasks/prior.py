@@ -18,7 +18,6 @@ the shuffled ones. ``--mode=eval``: the held-out loss on the test split's pairs.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import jax
@@ -30,75 +29,11 @@ from diffax_lab.config_lib import check_number
 from diffax_lab.data import load_split
 from diffax_lab.data.captions import TEMPLATES, class_captions
 from diffax_lab.errors import ConfigError
-from diffax_lab.metrics.clip_score import clip_preprocess
 from diffax_lab.metrics.features import reference_features
-from diffax_lab.models.clip_io import load_clip, load_tokenizer
 from diffax_lab.models.prior import PriorMLP
+from diffax_lab.models.text_context import ClipEmbedder
 from diffax_lab.tasks.denoising import DenoisingTask
 from diffax_lab.tasks.registry import register
-
-
-class ClipEmbedder:
-    """A CLIP directory as L2-normalised image and text embedders (and a feature extractor
-    for the cached-features helpers). tasks/text2img.py's TextEncoder does the same; task
-    modules may not import each other, so this is its short twin (see the report)."""
-
-    def __init__(self, clip_dir: str, field: str = "config.text.clip_dir"):
-        if not clip_dir:
-            raise ConfigError(f"{field} is empty: give a CLIP directory (Hugging Face layout).")
-        try:
-            self.model, self.params, self.config = load_clip(clip_dir)
-            self.tokenizer = load_tokenizer(clip_dir)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{field}={clip_dir!r}: {e}") from e
-        self.dim = self.config.projection_dim
-        h = hashlib.sha256()
-        for x in jax.tree.leaves(self.params):
-            h.update(np.asarray(x).tobytes())
-        self.name = f"clip-{h.hexdigest()[:12]}-float32"  # = TextEncoder's: one cache
-        size = self.config.vision.image_size
-
-        def norm(e):
-            e = e.astype(jnp.float32)
-            return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-        self._images = jax.jit(
-            lambda x: norm(
-                self.model.apply(
-                    {"params": self.params}, clip_preprocess(x, size), method="encode_image"
-                )
-            )
-        )
-        self._texts = jax.jit(
-            lambda ids, mask: norm(
-                self.model.apply({"params": self.params}, ids, mask, method="encode_text")
-            )
-        )
-
-    def __call__(self, images_u8, batch_size: int = 500):
-        return np.concatenate(
-            [
-                np.asarray(self._images(images_u8[i : i + batch_size]))
-                for i in range(0, len(images_u8), batch_size)
-            ]
-        )
-
-    def embed_texts(self, prompts, batch_size: int = 500) -> np.ndarray:
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            t = self.tokenizer(
-                list(prompts[i : i + batch_size]),
-                padding="max_length",
-                max_length=self.config.text.max_position_embeddings,
-                truncation=True,
-                return_tensors="np",
-            )
-            out.append(
-                np.asarray(
-                    self._texts(jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"]))
-                )
-            )
-        return np.concatenate(out)
 
 
 def normalise(x):

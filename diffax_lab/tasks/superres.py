@@ -61,15 +61,12 @@ def unpack(cond):
 @register
 class SuperResTask(DenoisingTask):
     name = "superres"
+    section = "superres"
+    section_hint = "factor, aug_max: see configs/superres.py"
     metrics = ("loss", "psnr", "ssim", "fd", "kid", "pr")
 
     @classmethod
     def check_config(cls, config) -> None:
-        if "superres" not in config:
-            raise ConfigError(
-                "config.task='superres' needs a config.superres section (factor, aug_max): "
-                "see configs/superres.py."
-            )
         super().check_config(config)
         check_number(config, "superres.factor", low=2, integer=True)
         check_number(config, "superres.aug_max", low=0.0, high=1.0)

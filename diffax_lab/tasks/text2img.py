@@ -26,8 +26,6 @@ independent CLIP's (see diffax_lab/evaluators/clip_score.py).
 
 from __future__ import annotations
 
-import hashlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,14 +36,14 @@ from diffax_lab.config_lib import check_number
 from diffax_lab.data import load_split, pipeline
 from diffax_lab.data.captions import TEMPLATES, class_captions
 from diffax_lab.errors import ConfigError
-from diffax_lab.metrics.clip_score import clip_preprocess
 from diffax_lab.metrics.features import reference_features
 from diffax_lab.models import compute_dtype
-from diffax_lab.models.clip_io import load_clip, load_tokenizer
 from diffax_lab.models.text_context import (
+    ClipEmbedder,
     TokenConditioning,
     TokenEncoder,
     build_token_table,
+    check_class_prompts,
     check_text_conditioning,
     conditional_view,
 )
@@ -53,69 +51,6 @@ from diffax_lab.tasks.denoising import DenoisingTask
 from diffax_lab.tasks.registry import register
 
 
-class TextEncoder:
-    """A CLIP directory (Hugging Face layout) as image and text embedders; also a feature
-    extractor (``name``, ``__call__``) for the cached-features helpers."""
-
-    def __init__(self, clip_dir: str, field: str = "config.text.clip_dir", dtype=jnp.float32):
-        if not clip_dir:
-            raise ConfigError(
-                f"{field} is empty: give a CLIP directory (Hugging Face layout), "
-                "e.g. workdirs/clip/hf_clip from configs/clip.py, or a hub id when online."
-            )
-        try:
-            self.model, self.params, self.config = load_clip(clip_dir, dtype)
-            self.tokenizer = load_tokenizer(clip_dir)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{field}={clip_dir!r}: {e}") from e
-        self.clip_dir = clip_dir
-        self.dim = self.config.projection_dim
-        h = hashlib.sha256()
-        for x in jax.tree.leaves(self.params):
-            h.update(np.asarray(x).tobytes())
-        self.digest = h.hexdigest()[:12]
-        self.name = f"clip-{self.digest}-{jnp.dtype(dtype).name}"
-        size = self.config.vision.image_size
-
-        @jax.jit
-        def embed_images(x_u8):
-            pix = clip_preprocess(x_u8, size)
-            e = self.model.apply({"params": self.params}, pix, method="encode_image")
-            e = e.astype(jnp.float32)
-            return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-        @jax.jit
-        def embed_texts(ids, mask):
-            e = self.model.apply({"params": self.params}, ids, mask, method="encode_text")
-            e = e.astype(jnp.float32)
-            return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-        self._images, self._texts = embed_images, embed_texts
-
-    def embed_images(self, images_u8: np.ndarray, batch_size: int = 500) -> np.ndarray:
-        return np.concatenate(
-            [
-                np.asarray(self._images(images_u8[i : i + batch_size]))
-                for i in range(0, len(images_u8), batch_size)
-            ]
-        )
-
-    __call__ = embed_images
-
-    def embed_texts(self, prompts) -> np.ndarray:
-        t = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.config.text.max_position_embeddings,
-            truncation=True,
-            return_tensors="np",
-        )
-        return np.asarray(
-            self._texts(jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"]))
-        )
-
-
-@register
 @register
 class Text2ImgTask(TokenConditioning, DenoisingTask):
     name = "text2img"
@@ -151,18 +86,7 @@ class Text2ImgTask(TokenConditioning, DenoisingTask):
             )
         if config.sample.classifier_scale > 0:
             raise ConfigError("config.sample.classifier_scale must be 0 for text2img.")
-        names = tuple(config.text.get("class_names", ()))
-        if not names or not all(isinstance(n, str) and n.strip() for n in names):
-            raise ConfigError(
-                "config.text.class_names must list the dataset's class names (non-empty "
-                "strings, in label order): --mode=eval draws and scores one prompt per class."
-            )
-        template = config.text.get("template", "")
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ConfigError(
-                f"config.text.template={template!r} must contain '{{}}' once, where the class "
-                "name goes (e.g. 'a photo of a {}')."
-            )
+        check_class_prompts(config)
 
     def default_metrics(self):
         return ("loss", "clip_score", *super().default_metrics()[1:])
@@ -177,7 +101,7 @@ class Text2ImgTask(TokenConditioning, DenoisingTask):
         """The conditioning CLIP (and for eval the independent one), checked before anything
         compiles."""
         c = self.config
-        self.encoder = TextEncoder(c.text.clip_dir, dtype=compute_dtype(c))
+        self.encoder = ClipEmbedder(c.text.clip_dir, dtype=compute_dtype(c))
         if self.tokens:
             enc = TokenEncoder(c.text.clip_dir, dtype=compute_dtype(c))
             self.token_table = build_token_table(c, enc, TEMPLATES)
@@ -189,7 +113,7 @@ class Text2ImgTask(TokenConditioning, DenoisingTask):
             )
         other = c.eval.get("clip_dir", "")
         self.independent_encoder = (
-            TextEncoder(other, "config.eval.clip_dir", compute_dtype(c))
+            ClipEmbedder(other, "config.eval.clip_dir", compute_dtype(c))
             if mode == "eval" and other
             else None
         )

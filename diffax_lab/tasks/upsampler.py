@@ -33,16 +33,13 @@ from diffax_lab.tasks.registry import register
 @register
 class UpsamplerTask(Task):
     name = "upsampler"
+    section = "upsampler"
+    section_hint = "factor, features, num_blocks, loss: see configs/upsampler.py"
     can_sample = True
     metrics = ("loss", "psnr", "ssim", "fd", "kid", "pr")
 
     @classmethod
     def check_config(cls, config) -> None:
-        if "upsampler" not in config:
-            raise ConfigError(
-                "config.task='upsampler' needs a config.upsampler section (factor, features, "
-                "num_blocks, loss): see configs/upsampler.py."
-            )
         super().check_config(config)
         f = config.upsampler.factor
         check_number(config, "upsampler.factor", low=2, integer=True)
