@@ -51,6 +51,7 @@ setup(
             "matplotlib>=3.8,<4",
             "jupytext>=1.16,<2",
             "papermill>=2.6,<3",
+            "ipykernel>=6.29,<8",  # the kernel papermill starts (make notebooks' path)
         ],
         # The notebook API alone (diffax_lab/api.py: DataFrames and inline grids).
         "notebooks": ["pandas>=2.1,<4", "matplotlib>=3.8,<4"],
