@@ -1,5 +1,4 @@
-"""The CLIP score (Hessel et al. 2021) of a set of
-image-caption pairs.
+"""The CLIP score (Hessel et al. 2021) of a set of image-caption pairs.
 
 ``clip_score`` is torchmetrics' CLIP score (``torchmetrics.functional.multimodal.clip_score``
 and ``CLIPScore``): max(100 * mean over pairs of cos(E_image, E_text), 0), the clamp on the
