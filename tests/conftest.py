@@ -6,12 +6,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile many tiny programs once each: LLVM's optimisation passes cost more time than
 # they save there (measured: train-step compile 13.4 s -> 7.5 s, step time 0.53 s -> 0.63 s).
 # Subprocesses started by the tests inherit this and the cache directory below.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
 # XLA:CPU's older elemental emitters compile the tests' programs faster than its fusion
-# emitters (the tiny U-Net's train step: 25.5 s -> 18.2 s cold on 2 cores); results are
-# equal up to floating-point order. Probed once (in the controller; xdist workers and the
-# tests' subprocesses inherit the environment): an XLA that no longer knows the flag would
-# refuse to start.
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# emitters (the tiny U-Net's train step: 25.5 s -> 18.2 s cold on 2 cores,
+# benchmarks/compile_time.py); results are equal up to floating-point order. An XLA that no
+# longer knows the flag would refuse to start, so it is probed once, in pytest's main
+# process: xdist workers and the tests' subprocesses inherit the environment.
+FUSION_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 
 def _xla_accepts(flags: str) -> bool:
@@ -26,14 +31,13 @@ def _xla_accepts(flags: str) -> bool:
         return False
 
 
-if "PYTEST_XDIST_WORKER" not in os.environ:
-    for _flag in TEST_XLA_FLAGS:
-        _name = _flag.split("=")[0]
-        _flags = os.environ.get("XLA_FLAGS", "")
-        if _name not in _flags and (
-            _name.endswith("optimization_level") or _xla_accepts(f"{_flags} {_flag}")
-        ):
-            os.environ["XLA_FLAGS"] = f"{_flags} {_flag}".strip()
+_flags = os.environ["XLA_FLAGS"]
+if (
+    "PYTEST_XDIST_WORKER" not in os.environ
+    and "xla_cpu_use_fusion_emitters" not in _flags
+    and _xla_accepts(f"{_flags} {FUSION_FLAG}")
+):
+    os.environ["XLA_FLAGS"] = f"{_flags} {FUSION_FLAG}"
 CACHE_DIR = os.environ.setdefault(
     "DIFFAX_JAX_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache")
 )

@@ -1,0 +1,49 @@
+"""Cold compile time of the tiny U-Net's train step, then the same step compiled again in
+the same process (read back from the persistent cache), under the XLA_FLAGS of the
+environment:
+
+    XLA_FLAGS="--xla_backend_optimization_level=0" python -m benchmarks.compile_time [CACHE_DIR]
+
+The step is ``configs/ddpm.py:tiny``'s on 64 uint8 images held on the device, the program
+the tests' shared tiny run compiles. CACHE_DIR (default: a new temporary directory, so the
+first compile is cold) is the persistent cache. Prints one line per compile: the seconds to
+trace and lower, and to compile. docs/BENCHMARKS.md ("Compile time and the persistent
+cache") has the figures of several flag settings.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from diffax_lab import config_lib  # noqa: E402
+from diffax_lab.sharding import make_mesh  # noqa: E402
+from diffax_lab.tasks import registry  # noqa: E402
+
+
+def main(cache_dir: str) -> None:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    config = config_lib.load_config("ddpm.py:tiny")
+    n = 64
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} cache={cache_dir}")
+    for attempt in ("cold", "again, same process"):
+        task = registry.build(config, make_mesh(1))  # a new task: a new jitted step
+        state = task.create_state()
+        images = jax.device_put(np.zeros((n, *task.image_shape), np.uint8))
+        labels = jax.device_put(np.zeros((n,), np.int32))
+        t0 = time.perf_counter()
+        lowered = task.make_train_step(n, True).lower(state, images, labels)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        print(f"{attempt}: trace and lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="compile_time_"))
