@@ -2,10 +2,12 @@
 the same process (read back from the persistent cache), under the XLA_FLAGS of the
 environment:
 
-    XLA_FLAGS="--xla_backend_optimization_level=0" python -m benchmarks.compile_time [CACHE_DIR]
+    XLA_FLAGS="--xla_backend_optimization_level=0" python -m benchmarks.compile_time \
+        [CACHE_DIR] [--config=ddpm.py:tiny] [--layout=auto|flat|tree]
 
-The step is ``configs/ddpm.py:tiny``'s on 64 uint8 images held on the device, the program
-the tests' shared tiny run compiles. CACHE_DIR (default: a new temporary directory, so the
+The step is the config's (default ``configs/ddpm.py:tiny``, the program the tests' shared
+tiny run compiles), its batch drawn from max(64, train.batch_size) uint8 images held on
+the device. CACHE_DIR (default: a new temporary directory, so the
 first compile is cold) is the persistent cache. Prints one line per compile: the seconds to
 trace and lower, and to compile. docs/BENCHMARKS.md ("Compile time and the persistent
 cache") has the figures of several flag settings.
@@ -26,12 +28,13 @@ from diffax_lab.sharding import make_mesh  # noqa: E402
 from diffax_lab.tasks import registry  # noqa: E402
 
 
-def main(cache_dir: str) -> None:
+def main(cache_dir: str, config_name: str = "ddpm.py:tiny", layout: str = "auto") -> None:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    config = config_lib.load_config("ddpm.py:tiny")
-    n = 64
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} cache={cache_dir}")
+    config = config_lib.load_config(config_name)
+    config.optim.update_layout = layout  # diffax_lab/optimizer.py
+    n = max(64, config.train.batch_size)
+    print(f"{config_name} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} cache={cache_dir}")
     for attempt in ("cold", "again, same process"):
         task = registry.build(config, make_mesh(1))  # a new task: a new jitted step
         state = task.create_state()
@@ -42,8 +45,15 @@ def main(cache_dir: str) -> None:
         t1 = time.perf_counter()
         lowered.compile()
         t2 = time.perf_counter()
-        print(f"{attempt}: trace and lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s", flush=True)
+        print(
+            f"{attempt} ({task.update_layout} update): trace and lower {t1 - t0:.2f} s, "
+            f"compile {t2 - t1:.2f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="compile_time_"))
+    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    cache = args[0] if args else tempfile.mkdtemp(prefix="compile_time_")
+    main(cache, flags.get("config", "ddpm.py:tiny"), flags.get("layout", "auto"))

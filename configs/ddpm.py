@@ -112,6 +112,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.optim.eps = 1e-8
     config.optim.grad_clip = 1.0  # global-norm clip; 0 = off
     config.optim.ema_decay = 0.999  # EMA of the parameters, used for samples
+    # The update on one vector ("flat") or per parameter leaf ("tree"); "auto": flat on the
+    # CPU with replicated parameters (cuts the train step's compile there; optimizer.py).
+    config.optim.update_layout = "auto"
 
     config.train = ConfigDict()
     config.train.batch_size = 128  # global batch, over all devices

@@ -23,14 +23,12 @@
 # judge, `configs/classifier.py:cpu,clean`, trained here at the same image size) after each
 # of `steps`.
 #
-# Full size (the defaults): Fashion-MNIST at 16x16, a two-level U-Net (base 32 channels),
-# batch 128, lr 1e-3, 1200 steps, evaluated at 400 and 1200 steps with 1000 DDIM-20 samples.
-# The 12 distinct arms train at once, each in its own process (`api.sweep(parallel=...)`),
-# on one shared GPU. Planned on an H200 shared with 7 other notebooks (estimates, compile
-# included): judge ~60 s (process start, compile, 1000 steps, test accuracy); arms to
-# step 400 ~100 s (start and ~40-60 s of compiles per arm, all at once, then 12 x 400 steps
-# at ~150-300 steps/s over all arms, evaluation); to step 1200 ~70 s (compiled programs
-# come from the persistent cache; 12 x 800 steps); samples ~20 s: ~4-4.5 minutes.
+# Full size (the defaults), sized for a 2-core CPU: Fashion-MNIST at 16x16, a two-level
+# U-Net (base 32 channels), batch 64, lr 1e-3, EMA 0.98, 600 steps, evaluated at 200 and
+# 600 steps with 500 DDIM-20 samples; the 12 arms one after another in this process
+# (`parallel=0`). About an hour on the 2-core CPU machine (the render's time: README).
+# On a GPU, train the arms at once in worker processes and longer, e.g. papermill
+# `-p parallel 4 -p batch_size 128 -p steps "(400, 1200)"`.
 
 # %%
 import os
@@ -46,27 +44,32 @@ root = "workdirs/notebooks"  # runs go to ROOT/02_unet_ablation/<arm>, the judge
 data_dir = ""  # '' = Fashion-MNIST from $DIFFAX_DATA_DIR or the Debian package
 judge_workdir = ""  # a clean classifier at image_size; '' = train ROOT/judge16 if absent
 judge_steps = 1000  # training steps of that judge (batch 128)
-steps = (400, 1200)  # evaluate each arm after these many training steps
-parallel = 4  # arms trained at once, each in its own process (0: one by one, in-process);
-# more processes time-slice one GPU: 20-25 at once made each step seconds (BENCHMARKS.md)
+steps = (200, 600)  # evaluate each arm after these many training steps
+batch_size = 64  # of every arm
+parallel = 0  # arms trained at once, each in its own process (0: one by one, in-process);
+# on a GPU 4 overlap one arm's compile with another's steps; 20-25 at once made each step
+# seconds there (BENCHMARKS.md). On 2 CPU cores one process already uses both.
 base = {  # every arm: configs/ddpm.py:cpu (two levels, one block each) with these fields
     "data.image_size": 16,
     "model.base_channels": 32,
     "model.num_groups": 8,
     "model.attention_heads": 4,
-    "train.batch_size": 128,
+    "train.batch_size": batch_size,
     "optim.lr": 1e-3,
     "optim.warmup_steps": 100,
+    # An EMA for a short run: 0.98^200 < 2% of the initial weights left at the first
+    # evaluation (ddpm.py:cpu's 0.995 leaves 37%, and every arm's samples are noise there).
+    "optim.ema_decay": 0.98,
     "train.log_every": 50,
-    "train.checkpoint_every": 400,
+    "train.checkpoint_every": 200,
     "train.checkpoint_every_secs": 0,
     "train.progress_bar": False,
     "eval.metrics": ("loss", "fd", "kid", "pr"),
     "eval.num_examples": 2000,  # held-out images for the loss
     "eval.batch_size": 500,
-    "eval.num_samples": 1000,
+    "eval.num_samples": 500,
     "eval.num_reference": 2000,
-    "eval.kid_subset_size": 500,
+    "eval.kid_subset_size": 250,
     "eval.kid_num_subsets": 10,
     "eval.floor": False,
     "sample.sampler": "ddim",

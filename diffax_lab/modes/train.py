@@ -36,7 +36,7 @@ from diffax_lab.data import pipeline
 from diffax_lab.distributed import is_main_process
 from diffax_lab.errors import DataError, WorkdirError
 from diffax_lab.modes.common import build_evaluators, prepare
-from diffax_lab.tasks.base import tree_all_finite
+from diffax_lab.optimizer import tree_all_finite
 
 MAX_IN_FLIGHT = 2  # steps dispatched but not finished: bounds how late a stop can come
 wall_clock = time.monotonic  # the clock of train.checkpoint_every_secs

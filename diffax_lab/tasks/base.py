@@ -24,50 +24,12 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from diffax_lab import checkpointing, sharding
+from diffax_lab import checkpointing, optimizer, sharding
 from diffax_lab.config_lib import check_choice, check_number
 from diffax_lab.data import SOURCES, load_split, pipeline, split_size
 from diffax_lab.errors import ConfigError
-
-
-def decay_horizon(optim_config, num_steps: int) -> int:
-    """Steps over which a cosine schedule decays: optim.decay_steps, else train.num_steps."""
-    return optim_config.get("decay_steps", 0) or num_steps
-
-
-def make_lr_schedule(optim_config, num_steps: int):
-    c = optim_config
-    warmup = optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1))
-    if c.lr_schedule == "cosine":
-        horizon = decay_horizon(c, num_steps)
-        after = optax.cosine_decay_schedule(c.lr, max(horizon - c.warmup_steps, 1))
-    else:
-        after = optax.constant_schedule(c.lr)
-    return optax.join_schedules([warmup, after], [c.warmup_steps])
-
-
-def make_optimizer(optim_config, num_steps: int):
-    c = optim_config
-    lr = make_lr_schedule(c, num_steps)
-    if c.optimizer == "adamw":
-        opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-    else:
-        opt = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
-    parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip > 0 else []
-    return optax.chain(*parts, opt), lr
-
-
-def tree_all_finite(tree):
-    """One boolean: every element of every floating leaf is finite."""
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.floating)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def check_common(config) -> None:
@@ -102,6 +64,8 @@ def check_common(config) -> None:
     check_number(config, "optim.eps", low=0.0, low_open=True)
     check_number(config, "optim.grad_clip", low=0.0)
     check_number(config, "optim.ema_decay", low=0.0, high=1.0, high_open=True)
+    if "update_layout" in config.optim:
+        optimizer.check_layout(config)
 
     check_number(config, "train.batch_size", low=1, integer=True)
     check_number(config, "train.num_steps", low=0, integer=True)
@@ -152,10 +116,16 @@ class Task:
         self.repl = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharded(mesh)
         self.build()
-        self.tx, self.lr_fn = make_optimizer(c.optim, c.train.num_steps)
+        self.tx, self.lr_fn = optimizer.make_optimizer(c.optim, c.train.num_steps)
         self.abstract_state = jax.eval_shape(self.init_state)
         # Replicated, or split over the fsdp axis (train.fsdp > 1): sharding.py decides.
         self.state_shardings = sharding.state_shardings(self.abstract_state, mesh)
+        # The update per leaf or on one vector (diffax_lab/optimizer.py).
+        self.update_layout = optimizer.resolve_layout(
+            c,
+            self.abstract_state["params"],
+            all(s.is_fully_replicated for s in jax.tree.leaves(self.state_shardings["params"])),
+        )
 
     # ----- hooks a task implements -----
     @classmethod
@@ -351,6 +321,7 @@ class Task:
         decay = c.optim.ema_decay
         faults = tuple(c.train.get("fault_nan_steps", ()))
         micro_sharding = sharding.microbatch_sharded(self.mesh)
+        update = optimizer.UPDATES[self.update_layout]
 
         def train_step(state, images, labels):
             step = state["step"]
@@ -377,18 +348,17 @@ class Task:
                 (loss, aux), grads = accumulate(
                     grad_fn, state["params"], x0, labels, loss_keys, accum, micro_sharding
                 )
-            grad_norm = optax.tree_utils.tree_norm(grads)
-            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            ema = jax.tree.map(
-                lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params
+            # Optimizer, EMA and the non-finite guard: a step whose loss, gradients or new
+            # parameters are not finite leaves all three as they were (the batch is skipped).
+            params, opt_state, ema, grad_norm, finite = update(
+                self.tx,
+                decay,
+                state["params"],
+                grads,
+                state["opt_state"],
+                state["ema_params"],
+                loss,
             )
-            # Non-finite guard: a step whose loss, gradients or new parameters are not finite
-            # leaves parameters, EMA and optimizer state as they were (the batch is skipped).
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(params)
-
-            def keep(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
             metrics = {
                 "loss": loss,
@@ -398,9 +368,9 @@ class Task:
                 **aux,
             }
             new_state = {
-                "params": keep(params, state["params"]),
-                "ema_params": keep(ema, state["ema_params"]),
-                "opt_state": keep(opt_state, state["opt_state"]),
+                "params": params,
+                "ema_params": ema,
+                "opt_state": opt_state,
                 "step": step + 1,
                 "rng": state["rng"],
             }
