@@ -9,7 +9,7 @@ endif
 WORKDIR ?= workdirs/ddpm
 CONFIG ?= configs/ddpm.py
 
-.PHONY: setup setup-test train test test-fast test-heavy check lint notebooks
+.PHONY: setup setup-test train test test-fast check lint notebooks
 
 $(CURDIR)/.venv/bin/python:
 	python3 -m venv $(CURDIR)/.venv
@@ -28,16 +28,11 @@ test: setup-test
 
 # The edit loop: everything but the end-to-end runs (under 3 minutes on 2 cores).
 test-fast: lint
-	$(PYTHON) -m pytest -q -n 2 -m "not slow and not heavy" tests
+	$(PYTHON) -m pytest -q -n 2 -m "not slow" tests
 
 # Lint, format check, the layers contract and the test suite (what CI runs after setup).
 check: lint
-	$(PYTHON) -m pytest -q -n 2 --dist worksteal --durations=25 -m "not heavy" tests
-
-# The end-to-end runs beyond CI's 10-minute budget (every notebook at small parameters,
-# cascades, sweeps, the token-conditioned text-to-image run): before a release.
-test-heavy: setup-test
-	$(PYTHON) -m pytest -q -n 2 --durations=25 -m heavy tests
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal --durations=25 tests
 
 lint:
 	$(PYTHON) -m ruff check .

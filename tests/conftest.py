@@ -54,11 +54,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end runs (subprocesses, training); `make test-fast` skips them"
     )
-    config.addinivalue_line(
-        "markers",
-        "heavy: multi-stage end-to-end runs (notebooks at small parameters, cascades, sweeps) "
-        "that do not fit the 10-minute CI budget on 2 cores; `make test-heavy` runs them",
-    )
 
 
 # Shared across test files (once per xdist worker): the tiny fake dataset and a tiny

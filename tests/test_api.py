@@ -23,7 +23,7 @@ def test_config_typed_overrides_on_a_copy_and_unknown_fields_refused():
         api.config("ddpm:tiny", **{"train.progress_bar": "maybe"})
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
+@pytest.mark.slow  # trains a model end to end: not in `make test-fast`
 def test_load_sample_evaluate_and_strips_reuse_the_compiled_sampler(tiny_run):
     _, workdir = tiny_run
     run = api.load(workdir)
@@ -46,7 +46,7 @@ def test_load_sample_evaluate_and_strips_reuse_the_compiled_sampler(tiny_run):
     assert not os.path.exists(os.path.join(workdir, "eval"))  # save=False writes nothing
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
+@pytest.mark.slow  # trains a model end to end: not in `make test-fast`
 def test_two_configs_in_one_process_give_what_each_gives_alone(tiny_run):
     _, workdir = tiny_run
     kw = {"sampler": "ddim", "steps": 2, "seed": 3}
@@ -92,7 +92,6 @@ def test_sweep_names_points_and_parses_the_command_line():
     assert sweep.main(["--root=/tmp/x"]) == 2
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_sweep_trains_each_point_resumes_and_collects(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, **SMALL_UNET, **{"train.checkpoint_every": 1})
@@ -118,7 +117,6 @@ def test_sweep_trains_each_point_resumes_and_collects(tiny_data, tmp_path):
     assert np.allclose(df2["test_loss"], df["test_loss"])  # resumed run is bit-identical
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_parallel_sweep_in_worker_processes_equals_the_in_process_sweep(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, **SMALL_UNET, **{"train.checkpoint_every": 1})

@@ -45,7 +45,7 @@ def test_without_kl_and_discriminator_the_loss_is_the_summed_l1_error():
     assert "adaptive_weight" not in aux
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
+@pytest.mark.slow  # gradients of two networks through the GAN loss: 12 s of compiles
 def test_each_network_gets_only_its_own_gradient_and_the_adaptive_weight():
     task = make_task(discriminator=True, disc_start=2, disc_weight=0.5, kl_weight=1e-3)
     a = task.config.autoencoder

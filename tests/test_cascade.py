@@ -160,7 +160,6 @@ def write_one_image_idx(directory, n=16):
     return str(directory)
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_superres_trained_on_one_image_keeps_its_low_res_content(tmp_path):
     data = write_one_image_idx(tmp_path / "one")
@@ -238,7 +237,7 @@ def cascade_config(runs, tiny_data, **overrides):
     return config_lib.apply_overrides(config, overrides)
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
+@pytest.mark.slow  # trains a model end to end: not in `make test-fast`
 def test_cascade_runs_every_stage_deterministically(cascade_runs, tiny_data):
     runs = cascade_runs
     workdir = str(runs["root"] / "c1")
@@ -262,7 +261,7 @@ def test_cascade_runs_every_stage_deterministically(cascade_runs, tiny_data):
     assert not np.allclose(sr.upsample(params, other[0], k), again[1], atol=1e-3)
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
+@pytest.mark.slow  # trains a model end to end: not in `make test-fast`
 def test_cascade_with_other_samplers(cascade_runs, tiny_data):
     """Per-stage samplers: a discrete-grid one for the base, a Karras-grid one for the
     super-resolution stage (every sampler goes through the same model_fn hooks)."""
@@ -284,7 +283,6 @@ def test_cascade_refuses_training_and_mismatched_stages(cascade_runs, tiny_data)
         sample_mode.run(bad, str(runs["root"] / "bad"))
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_unclip_cascade_text_prior_decoder(tiny_data, tmp_path):
     """text -> prior -> text2img decoder through the cascade (random weights), scored by

@@ -54,7 +54,6 @@ def test_synthetic_folder_has_the_original_layout(tmp_path):
     assert crop.shape == (2, 178, 178, 3)
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_synthetic_celeba_trains_and_samples(tmp_path):
     """The 2x upsampler of the recipe on the synthetic folder (configs/celeba.py:tiny,up):

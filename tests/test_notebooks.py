@@ -120,7 +120,7 @@ def test_papermill_in_a_kernel_fails_on_a_broken_cell(tmp_path):
 # Seconds at small parameters, one process, empty compilation cache, on the 2-core machine
 # (2026-12-04, while another job used about one core): 06 96, 08 97, 07 58. Before the train
 # step's update went flat (diffax_lab/optimizer.py) the same three took 236, 154 and 128 s
-# and were kept out of CI (`heavy`).
+# and were kept out of CI.
 
 
 @pytest.mark.slow  # each trains or samples tiny models

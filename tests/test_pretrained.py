@@ -163,7 +163,7 @@ def test_training_starts_from_diffusers_weights(pipeline_dir, tiny_data, tmp_pat
         assert all(np.array_equal(want[k], have[k]) for k in want), name
 
 
-@pytest.mark.heavy  # one training step of the converted network: a compile of its own
+@pytest.mark.slow  # trains a model end to end: not in `make test-fast`
 def test_a_step_from_diffusers_weights_moves_them_a_little(pipeline_dir, tiny_data, tmp_path):
     path, _ = pipeline_dir
     workdir = str(tmp_path / "finetune")

@@ -82,7 +82,6 @@ def test_prior_cfg_weight_zero_is_the_conditional_prior():
     assert not np.allclose(task.guided_model_fn(params, u, 1.0)(v, t), plain, atol=1e-4)
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_trained_prior_learns_the_linear_map():
     task = prior_task(

@@ -130,7 +130,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(straight, tmp_pa
     ref.close()
 
 
-@pytest.mark.heavy  # SIGINT, the same handler, is tested in CI by test_survival's second-run test
+@pytest.mark.slow  # trains a model end to end: not in `make test-fast`
 def test_sigterm_saves_the_next_step_and_exits_zero(fake_data, tmp_path):
     """SIGTERM (preemption) saves and exits 0 (the first Ctrl-C does the same:
     tests/test_survival.py's second-run test ends its first run with it)."""

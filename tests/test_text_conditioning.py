@@ -77,7 +77,6 @@ def test_config_checks(tiny_data, clip_dir):
         registry.get("latent_diffusion").check_config(ldm)
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 @pytest.mark.slow
 def test_text2img_tokens_trains_samples_and_cfg_zero_is_conditional(tiny_data, clip_dir, tmp_path):
     config = tokens_config(tiny_data, clip_dir)

@@ -51,7 +51,7 @@ def test_resume_is_bit_identical(fake_data, uninterrupted, tmp_path):
     assert_states_equal(jax.device_get(again), ref)
 
 
-@pytest.mark.heavy  # CI runs host placement end to end in test_multihost (1 vs 2 processes)
+@pytest.mark.slow  # trains a model end to end: not in `make test-fast`
 def test_host_placement_sees_the_same_batches(fake_data, uninterrupted, tmp_path):
     """Same batches, different XLA program (no gather inside): equal up to float rounding.
 

@@ -114,7 +114,6 @@ def test_matches_diffusers_transformer2d_on_random_weights():
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=1e-4)
 
 
-@pytest.mark.heavy  # beyond the CI budget: `make test-heavy`
 def test_unet_cross_attention_option_uses_the_context():
     net = UNet(
         out_channels=1,
