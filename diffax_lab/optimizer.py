@@ -3,10 +3,11 @@ non-finite guard, computed per parameter leaf or on one flat vector.
 
 Why two layouts of one update. The update is elementwise, so XLA emits a few kernels per
 parameter leaf for each of its parts (Adam's moments, the step, the EMA, the finite check,
-the guard's selects): for the tiny U-Net's ~130 leaves, over 80% of the train step's
-program. On XLA:CPU every kernel is compiled on its own, and that dominated the step's
-compile: 17.9 s cold (tests' flags) and 53 s (XLA's defaults), against 2.6 s and 17.5 s
-with the update on one vector (docs/BENCHMARKS.md, "Compile time"). ``optim.update_layout``:
+the guard's selects): for the tiny U-Net's 128 leaves, more than half of the train step's
+lowered program (12,273 ops per leaf, 5,690 flat). XLA:CPU compiles every kernel on its
+own, and that dominated the step's compile: 28.9 s cold with XLA's defaults (16.2 s with
+the tests' flags), against 8.5 s (2.3 s) with the update on one vector (docs/BENCHMARKS.md,
+"Compile time and the persistent cache"). ``optim.update_layout``:
 
 - ``"flat"``: params, gradients, EMA and the optimizer's per-parameter state are
   concatenated (``jax.flatten_util.ravel_pytree``) into one vector each inside the step,
@@ -16,8 +17,7 @@ with the update on one vector (docs/BENCHMARKS.md, "Compile time"). ``optim.upda
 - ``"tree"``: per leaf. Needed where the parameters are sharded (``train.fsdp > 1``): the
   concatenation would gather every shard on every device.
 - ``"auto"`` (the default): ``flat`` on the CPU backend with replicated parameters,
-  ``tree`` otherwise (on GPUs the concatenation costs memory traffic and XLA fuses leaves
-  across kernels anyway; not measured there yet).
+  ``tree`` otherwise (on GPUs: not measured, and the concatenation adds memory traffic).
 
 The flat layout is right only for updates that treat every parameter alike: Adam or AdamW
 without a mask and clipping by the global norm, the ones ``make_optimizer`` builds.
@@ -126,9 +126,13 @@ def flat_update(tx, decay: float, params, grads, opt_state, ema, loss):
     subtree of the optimizer state shaped like the parameters (Adam's moments) are raveled
     in, updated, and unraveled out; the state keeps its tree structure."""
     treedef = jax.tree.structure(params)
+    shapes = [x.shape for x in jax.tree.leaves(params)]
 
-    def like_params(node) -> bool:
-        return jax.tree.structure(node) == treedef
+    def like_params(node) -> bool:  # a subtree of the parameters' structure and shapes
+        return (
+            jax.tree.structure(node) == treedef
+            and [x.shape for x in jax.tree.leaves(node)] == shapes
+        )
 
     flat_params, unravel = ravel_pytree(params)
 

@@ -105,3 +105,19 @@ def test_the_tasks_train_step_uses_the_resolved_layout():
     assert task.update_layout == ("flat" if jax.default_backend() == "cpu" else "tree")
     config.optim.update_layout = "tree"
     assert registry.build(config, make_mesh(1)).update_layout == "tree"
+
+
+def test_flat_update_of_a_single_array_keeps_the_step_count_apart():
+    """A one-leaf parameter tree: only subtrees with the parameters' shapes are raveled
+    (Adam's scalar step count is a leaf too, but not of that shape)."""
+    tx, _ = optimizer.make_optimizer(_optim(), num_steps=10)
+    params = jnp.arange(6.0).reshape(2, 3)
+    grads = jnp.ones((2, 3))
+    out = {
+        layout: update(tx, 0.9, params, grads, tx.init(params), params, jnp.float32(0.5))
+        for layout, update in optimizer.UPDATES.items()
+    }
+    assert jax.tree.structure(out["flat"]) == jax.tree.structure(out["tree"])
+    for a, b in zip(jax.tree.leaves(out["flat"]), jax.tree.leaves(out["tree"]), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-6)
