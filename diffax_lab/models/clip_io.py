@@ -151,6 +151,15 @@ def save_clip(path: str, config: CLIPConfig, params) -> None:
     save_file(hf_state_dict_from_flax(params), os.path.join(path, "model.safetensors"))
 
 
+def tokenize(tokenizer, texts, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 ids [N, length], int32 attention mask [N, length]) of ``texts``, padded and
+    truncated to the text encoder's context length."""
+    out = tokenizer(
+        list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="np"
+    )
+    return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+
 def load_tokenizer(path: str):
     """The CLIP tokenizer (transformers' CLIPTokenizerFast) from the same directory."""
     if not any(all(os.path.exists(os.path.join(path, f)) for f in fs) for fs in TOKENIZER_FILES):

@@ -39,7 +39,7 @@ import numpy as np
 from diffax_lab.config_lib import check_number
 from diffax_lab.errors import ConfigError
 from diffax_lab.models.clip import clip_preprocess
-from diffax_lab.models.clip_io import load_clip, load_tokenizer
+from diffax_lab.models.clip_io import load_clip, load_tokenizer, tokenize
 
 CONDITIONINGS = ("pooled", "tokens")
 NULL_PROMPT = ""
@@ -70,14 +70,8 @@ class ClipDir:
 
     def tokenize(self, prompts) -> tuple[jax.Array, np.ndarray]:
         """(int ids [N, L], int mask [N, L]) padded to the text encoder's length L."""
-        t = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.config.text.max_position_embeddings,
-            truncation=True,
-            return_tensors="np",
-        )
-        return jnp.asarray(t["input_ids"]), np.asarray(t["attention_mask"])
+        ids, mask = tokenize(self.tokenizer, prompts, self.config.text.max_position_embeddings)
+        return jnp.asarray(ids), mask
 
 
 class ClipEmbedder(ClipDir):

@@ -28,9 +28,9 @@ from absl import logging
 from diffax_lab.config_lib import check_number
 from diffax_lab.data.captions import FASHION_MNIST_CLASSES, TEMPLATES
 from diffax_lab.errors import ConfigError
-from diffax_lab.metrics.clip_score import clip_preprocess
 from diffax_lab.models import clip_config, get_model
-from diffax_lab.models.clip_io import load_tokenizer, save_clip
+from diffax_lab.models.clip import clip_preprocess
+from diffax_lab.models.clip_io import load_tokenizer, save_clip, tokenize
 from diffax_lab.tasks.base import Task, predict_in_batches
 from diffax_lab.tasks.registry import register
 
@@ -128,16 +128,8 @@ class ClipTask(Task):
         self.caption_mask = mask.reshape(k, t, -1)
 
     def tokenize(self, texts):
-        out = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.config.clip.context_length,
-            truncation=True,
-            return_tensors="np",
-        )
-        return jnp.asarray(out["input_ids"], jnp.int32), jnp.asarray(
-            out["attention_mask"], jnp.int32
-        )
+        ids, mask = tokenize(self.tokenizer, texts, self.config.clip.context_length)
+        return jnp.asarray(ids), jnp.asarray(mask)
 
     def init_params(self, key):
         s = self.config.data.image_size
