@@ -20,6 +20,7 @@ converts both ways.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -48,6 +49,17 @@ def clip_preprocess(images, size: int):
     top, left = (nh - size) // 2, (nw - size) // 2
     x = jnp.clip(x[:, top : top + size, left : left + size], 0.0, 1.0)
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+@functools.partial(jax.jit, static_argnames=("clip",))
+def clip_embeddings(clip, params, images, input_ids, attention_mask):
+    """(image [B, D], text [B, D]) CLIP embeddings (projected, not normalised) of images
+    [B, H, W, C] (uint8 or [0, 1]) and their captions (token ids [B, L] and mask from the
+    CLIP tokenizer); ``metrics.clip_score`` scores them."""
+    pixels = clip_preprocess(images, clip.config.vision.image_size)
+    img = clip.apply({"params": params}, pixels, method="encode_image")
+    txt = clip.apply({"params": params}, input_ids, attention_mask, method="encode_text")
+    return img, txt
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,8 @@ from torchmetrics.functional.multimodal import clip_score as tm_clip_score
 from torchmetrics.multimodal import CLIPScore
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from diffax_lab.metrics.clip_score import clip_embeddings, clip_score, per_image_clip_scores
+from diffax_lab.metrics.clip_score import clip_score, per_image_clip_scores
+from diffax_lab.models.clip import clip_embeddings
 from diffax_lab.models.clip_io import load_clip, load_tokenizer
 
 SIZE = 30

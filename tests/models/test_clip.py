@@ -13,7 +13,8 @@ from safetensors.numpy import load_file
 from transformers import CLIPConfig as HFConfig
 from transformers import CLIPModel
 
-from diffax_lab.metrics.clip_score import clip_preprocess, clip_scores
+from diffax_lab.metrics.clip_score import per_image_clip_scores
+from diffax_lab.models.clip import clip_embeddings, clip_preprocess
 from diffax_lab.models.clip_io import (
     CLIPLoadError,
     flax_params_from_hf,
@@ -149,7 +150,9 @@ def test_clip_score_is_100_times_the_clipped_cosine(reference):
     ids, mask, _ = inputs()
     images = np.random.default_rng(1).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     scores = np.asarray(
-        clip_scores(clip, params, jnp.asarray(images), jnp.asarray(ids), jnp.asarray(mask))
+        per_image_clip_scores(
+            *clip_embeddings(clip, params, jnp.asarray(images), jnp.asarray(ids), jnp.asarray(mask))
+        )
     )
     pixels = np.asarray(clip_preprocess(jnp.asarray(images), 30)).transpose(0, 3, 1, 2)
     assert pixels.shape == (3, 3, 30, 30)
