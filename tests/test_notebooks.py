@@ -117,10 +117,9 @@ def test_papermill_in_a_kernel_fails_on_a_broken_cell(tmp_path):
         )
 
 
-# Seconds at small parameters, one process, empty compilation cache, on the 2-core machine
-# (2026-12-04, while another job used about one core): 06 96, 08 97, 07 58. Before the train
-# step's update went flat (diffax_lab/optimizer.py) the same three took 236, 154 and 128 s
-# and were kept out of CI.
+# Every notebook runs in CI: 06, 07 and 08, the longest, took 79, 48 and 91 s of a worker in the
+# suite from an empty cache (docs/BENCHMARKS.md, "Test suite"), down from 236, 128 and 154 s
+# before the train step's update went flat (diffax_lab/optimizer.py).
 
 
 @pytest.mark.slow  # each trains or samples tiny models
