@@ -27,20 +27,24 @@
 # shuffled prompts. Everything it needs (the judge, the CLIP) is trained into `root` when
 # absent; a rerun on the same `root` trains nothing again.
 #
-# The defaults are the full-size run (about five minutes on one H200 shared with other
-# jobs, compiles included); CI runs the notebook with `small=True` (tiny configs, a few
-# steps, seconds).
+# The defaults are sized for a 2-core CPU: the configs' `:cpu` variants, a few minutes of
+# training each (about an hour in all; the render's time is in docs/BENCHMARKS.md). The
+# GPU run uses the configs' full size for the same wall-clock (about five minutes on one
+# H200 shared with other jobs, compiles included): papermill `-p models '' -p vae_steps 1000
+# -p judge_steps 800 -p train_seconds 20 -p clip_steps 400 -p t2i_seconds 12 -p t2i_batch
+# 128`. CI runs the notebook with `small=True` (tiny configs, a few steps, seconds).
 
 # %% tags=["parameters"]
 small = False  # True: the CI's seconds-long run (tests/test_notebooks.py injects it)
 root = "workdirs/nb06"  # every run of the notebook lives under ROOT
 data_dir = ""  # '' = Fashion-MNIST from $DIFFAX_DATA_DIR or the Debian package
-vae_steps = 1000  # autoencoder training steps (configs/vae.py)
-judge_steps = 800  # the clean classifier (configs/classifier.py:cpu,clean at 32x32)
-train_seconds = 20.0  # latent vs pixel: wall-clock training time of EACH (compile excluded)
+vae_steps = 1500  # autoencoder training steps (configs/vae.py)
+judge_steps = 600  # the clean classifier (configs/classifier.py:cpu,clean at 32x32)
+train_seconds = 360.0  # latent vs pixel: wall-clock training time of EACH (compile excluded)
 calibration_steps = 100  # steps that measure a model's speed before its length is set
-clip_steps = 400  # configs/clip.py (the CLIP both text models condition on)
-t2i_seconds = 12.0  # training time of each text-to-image model
+clip_steps = 600  # configs/clip.py (the CLIP both text models condition on)
+t2i_seconds = 240.0  # training time of each text-to-image model
+t2i_batch = 64  # their training batch
 # Every model here trains for a few hundred to a few thousand steps: a short warm-up, and an
 # EMA that forgets the initial weights within the run (0.99^500 < 1%; the configs' 0.999
 # would keep 37% of them after 1000 steps).
@@ -51,7 +55,7 @@ diffusion_lr = 5e-4  # the latent, pixel and token-conditioned U-Nets (short run
 num_res_blocks = 1  # of those U-Nets (their configs have 2): less to compile, faster steps
 num_eval_samples = 1000  # samples per FD / judge accuracy (against 10,000 test images)
 num_clip_samples = 500  # samples per text model for the CLIP scores (10 prompts in turn)
-tiny_models = False  # True: every config's :tiny variant (a quick CPU check of this path)
+models = "cpu"  # config variants: 'cpu' (2 cores), '' (full size, GPU), 'tiny' (quick check)
 
 # %%
 import os
@@ -69,7 +73,11 @@ from diffax_lab.evaluators.sample_quality import compare_features
 from diffax_lab.metrics.features import reference_features
 from diffax_lab.tasks import registry
 
-variant = ":tiny" if small or tiny_models else ""
+if small:
+    models = "tiny"
+variant = f":{models}" if models else ""
+# configs/clip.py and configs/text2img.py have no :cpu variant: their full size is the CPU's
+text_variant = ":tiny" if models == "tiny" else ""
 if small:
     vae_steps = judge_steps = clip_steps = calibration_steps = 2
     train_seconds = t2i_seconds = 0.0  # = the calibration steps only
@@ -175,7 +183,7 @@ t0 = time.time()
 judge_dir = f"{root}/judge"
 judge_run = api.train(
     api.config(
-        "classifier:tiny,clean" if variant else "classifier:cpu,clean",
+        "classifier:tiny,clean" if models == "tiny" else "classifier:cpu,clean",
         **{**data, **short_run, "data.image_size": 32, "train.num_steps": judge_steps},
     ),
     judge_dir,
@@ -316,7 +324,7 @@ plt.show()
 # %%
 t0 = time.time()
 clip_run = api.train(
-    api.config("clip" + variant, **{**data, "train.num_steps": clip_steps}), f"{root}/clip"
+    api.config("clip" + text_variant, **{**data, "train.num_steps": clip_steps}), f"{root}/clip"
 )
 clip_dir = f"{root}/clip/hf_clip"
 text_common = {
@@ -329,9 +337,11 @@ text_common = {
     "sample.batch_size": sample_batch,
 }
 if not small:
-    text_common["train.batch_size"] = 128
+    text_common["train.batch_size"] = t2i_batch
 pooled = train_for(
-    api.config("text2img" + variant, **text_common, **short_run), f"{root}/t2i_pooled", t2i_seconds
+    api.config("text2img" + text_variant, **text_common, **short_run),
+    f"{root}/t2i_pooled",
+    t2i_seconds,
 )
 tokens = train_for(
     api.config(

@@ -26,21 +26,26 @@
 # 4. the cascade command itself (`configs/cascade.py`): its grid with one row per stage.
 #
 # Everything it needs (judge, CLIP, decoder, ...) is trained into `root` when absent; a
-# second run reuses it. Defaults are the full-size GPU run (docs/BENCHMARKS.md "Cascades");
-# CI runs it with `small=True`.
+# second run reuses it. The defaults are sized for a 2-core CPU (about an hour; the
+# render's time is in docs/BENCHMARKS.md, "Cascades"). On a GPU, train longer at batch 128:
+# papermill `-p batch 128 -p sr_steps 1200 -p base_steps 600 -p clip_steps 500 -p t2i_steps
+# 800`. CI runs it with `small=True`.
 
 # %% tags=["parameters"]
 small = False  # True: the CI's seconds-long run (tests/test_notebooks.py injects it)
 root = "workdirs/nb07"
 data_dir = ""  # '' = Fashion-MNIST from $DIFFAX_DATA_DIR or the Debian package
-batch = 128  # training batch of every model
+batch = 64  # training batch of every model
 judge_steps = 300  # the clean classifier at 28x28 (FD / accuracy)
 up_steps = 600  # SRResNet
-sr_steps = 1200  # the diffusion upsampler (v prediction, configs/superres.py)
-base_steps = 600  # the 14x14 class-conditional base
-base28_steps = None  # the 28x28 base; None = base_steps + sr_steps (the same time)
-clip_steps = 500
-t2i_steps = 800  # the decoder: text2img on CLIP image embeddings
+sr_steps = 800  # the diffusion upsampler (v prediction, configs/superres.py)
+base_steps = 400  # the 14x14 class-conditional base
+# the 28x28 base; None = as many seconds of training as the 14x14 base and the diffusion
+# upsampler together (its speed measured over calibration_steps first)
+base28_steps = None
+calibration_steps = 100
+clip_steps = 800
+t2i_steps = 600  # the decoder: text2img on CLIP image embeddings
 prior_steps = 800
 num_eval = 500  # test images upsampled / samples drawn per row
 num_reference = 2000  # real test images of the FD reference
@@ -70,7 +75,7 @@ if isinstance(aug_levels, str):  # papermill -p passes a tuple as its text
     aug_levels = ast.literal_eval(aug_levels)
 aug_levels = tuple(float(s) for s in aug_levels)
 if small:
-    judge_steps = up_steps = sr_steps = base_steps = 2
+    judge_steps = up_steps = sr_steps = base_steps = calibration_steps = 2
     clip_steps = t2i_steps = prior_steps = 2
     batch, num_eval, num_reference, sample_batch = 16, 8, 16, 4
     aug_levels, sample_steps = (0.0, 0.2), 2
@@ -215,18 +220,20 @@ api.show(
 # ## 2 · Cascade: a 14×14 base, then each upsampler at each level s, vs a 28×28 base
 # Both bases are the class-conditional U-Net of `configs/ddpm.py:cpu` (labels 0..9 in
 # turn, so the judge's accuracy is on the class asked). The 28×28 base trains for as many
-# steps as the 14×14 base and the diffusion upsampler together (`base28_steps`), which is
-# the same training time where a step costs the same at both sizes (a small U-Net on a
-# GPU); `train_s` (seconds of training steps, compilation excluded) shows how close. Here the upsampler's input is a sample, not a downsampled real
-# image: conditioning augmentation (s > 0) is meant for this case; the best s is the one
-# of the lowest FD.
+# seconds as the 14×14 base and the diffusion upsampler together: its speed is measured
+# over `calibration_steps`, which sets its step count (or `base28_steps` if given);
+# `train_s` (seconds of training steps, compilation excluded) shows how close. Here the
+# upsampler's input is a sample, not a downsampled real image: conditioning augmentation
+# (s > 0) is meant for this case; the best s is the one of the lowest FD.
 
 # %%
 cond = {"model.num_classes": 10, **sampling}
 base14 = train(f"ddpm:{V}", "base14", base_steps, **{**cond, "data.image_size": LO})
 budget = train_seconds(base14) + train_seconds(sr)
-if base28_steps is None:  # as many steps as the 14x14 base and the upsampler together
-    base28_steps = base_steps + sr_steps
+if base28_steps is None:  # the same seconds of training: its speed sets the steps
+    first = train(f"ddpm:{V}", "base28", calibration_steps, **{**cond, "data.image_size": HI})
+    speed = first.step / train_seconds(first)  # steps/s (nan when nothing was timed)
+    base28_steps = max(first.step, int(budget * speed) if np.isfinite(speed) else 0)
 base28 = train(f"ddpm:{V}", "base28", base28_steps, **{**cond, "data.image_size": HI})
 sample_labels = np.arange(num_eval) % 10
 
