@@ -9,9 +9,12 @@ Commands:
 (JUDGE28: configs/classifier.py:clean trained with --config.data.image_size=28.)
 The low-resolution input is the 2x2 area mean of each training image; training noises it to
 s ~ U[0, superres.aug_max] and tells the U-Net s; sampling uses sample.aug_level.
-Variants: ``tiny`` (the tests' 8 -> 16 px size), ``cpu`` (0.17M parameters, 28x28; measured
-in docs/BENCHMARKS.md "Cascades": 2-core CPU, shared). The default is the cpu network
-trained longer.
+Variants: ``tiny`` (the tests' 8 -> 16 px size), ``cpu`` (0.17M parameters, 28x28). The
+default is the cpu network trained longer.
+Device, time and result (notebooks/07_cascade.py's render, idle 2-core CPU, 2026-12-05):
+``cpu`` at batch 64, 800 steps with warm-up 100 and EMA 0.99 in 4.4 min (193 images/s).
+Upsampling 500 real test images with DDIM 25 at s = 0 takes 13 s and gives PSNR 20.1 dB,
+SSIM 0.677, FD 0.142 (SRResNet: 24.5 dB, 0.865, 0.198; docs/BENCHMARKS.md "Cascades").
 """
 
 from ml_collections import ConfigDict

@@ -6,9 +6,11 @@ Commands:
     python -m diffax_lab.main --workdir=workdirs/up --mode=sample
     python -m diffax_lab.main --workdir=workdirs/up --mode=eval \
         --config.eval.metrics='("psnr","ssim","fd")' --config.eval.judge_workdir=JUDGE28
-Variants: ``tiny`` (the tests' 8 -> 16 px), ``cpu`` (32 features, 4 blocks; measured in
-docs/BENCHMARKS.md "Cascades", 2-core CPU, shared); the default has 64 features and 8
-blocks. ``upsampler.loss='l2'`` for the mean-squared error.
+Variants: ``tiny`` (the tests' 8 -> 16 px), ``cpu`` (32 features, 4 blocks); the default has
+64 features and 8 blocks. ``upsampler.loss='l2'`` for the mean-squared error.
+Device, time and result (notebooks/07_cascade.py's render, idle 2-core CPU, 2026-12-05):
+``cpu`` at batch 64, 600 steps in 84 s with its compile; on 500 real test images PSNR
+24.5 dB, SSIM 0.865, FD 0.198 (docs/BENCHMARKS.md "Cascades").
 """
 
 from ml_collections import ConfigDict
