@@ -26,7 +26,7 @@
 # 4. the cascade command itself (`configs/cascade.py`): its grid with one row per stage.
 #
 # Everything it needs (judge, CLIP, decoder, ...) is trained into `root` when absent; a
-# second run reuses it. The defaults are sized for a 2-core CPU (about an hour; the
+# second run reuses it. The defaults are sized for a 2-core CPU (about half an hour; the
 # render's time is in docs/BENCHMARKS.md, "Cascades"). On a GPU, train longer at batch 128:
 # papermill `-p batch 128 -p sr_steps 1200 -p base_steps 600 -p clip_steps 500 -p t2i_steps
 # 800`. CI runs it with `small=True`.
