@@ -14,7 +14,6 @@ cache") has the figures of several flag settings.
 """
 
 import os
-import sys
 import tempfile
 import time
 
@@ -22,8 +21,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from diffax_lab import config_lib  # noqa: E402
+from diffax_lab.optimizer import LAYOUTS  # noqa: E402
 from diffax_lab.sharding import make_mesh  # noqa: E402
 from diffax_lab.tasks import registry  # noqa: E402
 
@@ -52,8 +53,16 @@ def main(cache_dir: str, config_name: str = "ddpm.py:tiny", layout: str = "auto"
         )
 
 
+flags.DEFINE_string("config", "ddpm.py:tiny", "Config whose train step compiles (with :variant).")
+flags.DEFINE_enum("layout", "auto", LAYOUTS, "optim.update_layout of the step.")
+
+
+def run(argv) -> None:
+    if len(argv) > 2:
+        raise app.UsageError(f"One positional argument (CACHE_DIR) at most, not {argv[1:]}.")
+    cache = argv[1] if len(argv) > 1 else tempfile.mkdtemp(prefix="compile_time_")
+    main(cache, flags.FLAGS.config, flags.FLAGS.layout)
+
+
 if __name__ == "__main__":
-    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    cache = args[0] if args else tempfile.mkdtemp(prefix="compile_time_")
-    main(cache, flags.get("config", "ddpm.py:tiny"), flags.get("layout", "auto"))
+    app.run(run)
