@@ -1,7 +1,7 @@
 """Where a train step and a sampling step spend their time, by op family, ours beside PyTorch.
 
     python -m benchmarks.cpu_profile --config=configs/ddpm.py:tiny [--forward_batch=256] \
-        [--iters=5] [--rounds=2] [--peer] [--out=FILE]
+        [--iters=5] [--rounds=2] [--peer] [--noprofile] [--out=FILE]
 
 Ours: the compiled train step (one jitted step: batch gather, noise, U-Net forward and
 backward, AdamW, EMA) and the network forward (what one sampling step costs) run under
@@ -59,6 +59,9 @@ def define_flags():
     define_measurement_flags()
     flags.DEFINE_integer("rounds", 2, "Alternating rounds of ours and the peer.")
     flags.DEFINE_bool("peer", True, "Also profile the PyTorch peer (torch + diffusers).")
+    flags.DEFINE_bool(
+        "profile", True, "Profile by op family; --noprofile times the alternating rounds only."
+    )
     flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 
@@ -306,14 +309,18 @@ def main(argv):
         "rounds": rounds,
         "train_compile_s": ours.train_compile_s,
         "compilation_cache": cache,
-        "ours_train_profile": breakdown(
-            ours.step, ours.train, iters, ours.B / rounds[-1]["ours_train"]
-        ),
-        "ours_forward_profile": breakdown(
-            ours.fwd, ours.forward, iters, ours.Bf / rounds[-1]["ours_forward"]
-        ),
     }
     if peer:
+        for key in ("train", "forward"):
+            result[f"median_ratio_{key}"] = float(np.median([r[f"ratio_{key}"] for r in rounds]))
+    if FLAGS.profile:
+        result["ours_train_profile"] = breakdown(
+            ours.step, ours.train, iters, ours.B / rounds[-1]["ours_train"]
+        )
+        result["ours_forward_profile"] = breakdown(
+            ours.fwd, ours.forward, iters, ours.Bf / rounds[-1]["ours_forward"]
+        )
+    if peer and FLAGS.profile:
         peer.model.train()
         result["torch_threads"] = peer.torch.get_num_threads()
         result["torch_train_profile"] = torch_breakdown(

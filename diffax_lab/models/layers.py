@@ -9,7 +9,8 @@
 - ``ResBlock``: GroupNorm -> activation -> conv, plus an embedding projection, twice, and
   the skip path; ``norm="none"`` drops the norms and ``residual=False`` the skip path (the
   course's plain two-conv block), for ablations.
-- ``AttentionBlock``: multi-head self-attention over pixels via ``jax.nn.dot_product_attention``.
+- ``AttentionBlock``: multi-head self-attention over pixels via ``dot_product_attention``
+  (jax.nn's, or on the CPU the lab's faster arrangement of the same maths).
 
 Parameters are float32; ``dtype`` is the compute dtype (bfloat16 for speed). GroupNorm
 statistics are always computed in float32.
@@ -75,6 +76,100 @@ def space_to_depth(x, factor: int = 2):
 # tiny/cpu configs' shapes, fwd and fwd+bwd; docs/BENCHMARKS.md "Speed and scale"), so every
 # backend keeps XLA's convolution until a measurement says otherwise.
 CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+
+
+# Attention implementation per backend, read at trace time by ``dot_product_attention``.
+# "lab" (below) measured 1.5-6x faster forward than jax.nn.dot_product_attention on XLA:CPU
+# (jaxlib 0.10; docs/BENCHMARKS.md "Speed and scale"); GPUs and TPUs keep jax.nn's until a
+# measurement there says otherwise.
+ATTENTION_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": "xla"}
+
+
+def _mm(a, b):
+    """[X, M, K] @ [X, K, N] -> float32: the one dot layout that XLA:CPU hands to its fast
+    (YNNPACK) kernels; a dot contracting the lhs's middle axis falls back to a slower one."""
+    return jnp.einsum("xmk,xkn->xmn", a, b, preferred_element_type=jnp.float32)
+
+
+def _swap(a):
+    return jnp.swapaxes(a, -1, -2)
+
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax.nn.dot_product_attention's constant
+
+
+@jax.custom_vjp
+def _attention_core(q, k, v, keep):
+    """softmax(q k^T) v on [X, T, D], [X, S, D], [X, S, D]; ``keep`` [X, T, S] bool or None."""
+    return _attention_fwd(q, k, v, keep)[0]
+
+
+def _attention_fwd(q, k, v, keep):
+    logits = _mm(q, _swap(k))
+    if keep is not None:
+        logits = jnp.where(keep, logits, _MASKED)
+    p = jax.nn.softmax(logits, axis=-1)
+    o = _mm(p.astype(v.dtype), v)
+    return o.astype(v.dtype), (q, k, v, keep, p, o)
+
+
+def _attention_bwd(res, g):
+    """The softmax-attention gradient with FlashAttention's row term delta = sum(g o) (no
+    reduction over the [T, S] probabilities), every dot written [X, M, K] @ [X, K, N]: the
+    two that contract over T take the transposed small operand (held by an optimization
+    barrier, else XLA folds the transpose back into the dot) and return the transpose."""
+    q, k, v, keep, p, o = res
+    g_t, q_t = jax.lax.optimization_barrier((_swap(g), _swap(q)))
+    dv_t = _mm(g_t, p.astype(g.dtype))  # [X, D, S]
+    dp = _mm(g, _swap(v))  # [X, T, S]
+    delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
+    ds = p * (dp - delta)
+    if keep is not None:
+        ds = jnp.where(keep, ds, 0.0)
+    ds = ds.astype(q.dtype)
+    dq = _mm(ds, k)
+    dk_t = _mm(q_t, ds)  # [X, D, S]
+    dk_t, dv_t = jax.lax.optimization_barrier((dk_t, dv_t))
+    return (
+        dq.astype(q.dtype),
+        _swap(dk_t).astype(k.dtype),
+        _swap(dv_t).astype(v.dtype),
+        None,
+    )
+
+
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
+def dot_product_attention(q, k, v, mask=None, impl: str = "auto"):
+    """softmax(q k^T / sqrt(D)) v: q [B, T, N, D], k and v [B, S, N, D] -> [B, T, N, D].
+
+    ``mask`` (bool, broadcastable to [B, N, T, S]) leaves keys out, as in
+    ``jax.nn.dot_product_attention``, whose result this is (same masking constant, softmax
+    in float32; tests/test_layers_speed.py compares values and gradients). ``impl``: "xla"
+    (jax.nn.dot_product_attention), "lab" (heads folded into the batch, the scale applied
+    to q, and a hand-written backward whose dots all take the layout XLA:CPU runs fastest:
+    see ``_attention_bwd``), or "auto" (``ATTENTION_IMPL_BY_BACKEND[jax.default_backend()]``
+    at trace time).
+    """
+    if impl == "auto":
+        impl = ATTENTION_IMPL_BY_BACKEND.get(jax.default_backend(), "xla")
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if impl != "lab":
+        raise ValueError(f"attention impl must be 'auto', 'xla' or 'lab', got {impl!r}.")
+    b, t, n, d = q.shape
+    s = k.shape[1]
+
+    def fold(a, length):  # [B, L, N, D] -> [B N, L, D]; a bitcast when N = 1
+        return jnp.transpose(a, (0, 2, 1, 3)).reshape(b * n, length, d)
+
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    keep = None
+    if mask is not None:
+        keep = jnp.broadcast_to(mask, (b, n, t, s)).reshape(b * n, t, s)
+    out = _attention_core(fold(q, t), fold(k, s), fold(v, s), keep)
+    return jnp.transpose(out.reshape(b, n, t, d), (0, 2, 1, 3))
 
 
 def _im2col_conv(x, kernel, strides, pads):
@@ -147,11 +242,110 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _group_stats(x, num_groups: int):
+    """Per-group mean and 1 / std pieces of x [B, ..., C] (float32): mean [B, G], mean of
+    squares [B, G], from two per-channel reductions that keep C minor."""
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    per = c // num_groups
+    count = math.prod(x.shape[1:-1]) * per
+    mean = jnp.sum(x, axes).reshape(b, num_groups, per).sum(-1) / count
+    mean_sq = jnp.sum(x * x, axes).reshape(b, num_groups, per).sum(-1) / count
+    return mean, mean_sq, count
+
+
+def _per_channel(a, per: int, ndim: int):
+    """[B, G] -> [B, 1, ..., 1, C]: each group's value repeated over its channels."""
+    a = jnp.repeat(a, per, axis=1)
+    return a.reshape((a.shape[0],) + (1,) * (ndim - 2) + (a.shape[1],))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x, scale, bias, num_groups, epsilon):
+    return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
+    xf = x.astype(jnp.float32)
+    mean, mean_sq, _ = _group_stats(xf, num_groups)
+    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)  # [B, G]
+    per = x.shape[-1] // num_groups
+    a = _per_channel(inv, per, x.ndim) * scale
+    shift = bias - _per_channel(mean, per, x.ndim) * a
+    return xf * a + shift, (x, scale, mean, inv)
+
+
+def _group_norm_bwd(num_groups, epsilon, res, dy):
+    """dx = inv (gamma dy - mean_g(gamma dy) - xhat mean_g(gamma dy xhat)), written as
+    A dy + B x + C with per-(sample, channel) A, B, C from two per-channel sums (of dy and
+    dy x): one elementwise pass, no recomputation of xhat over the image."""
+    del epsilon
+    x, scale, mean, inv = res
+    xf = x.astype(jnp.float32)
+    b, c = x.shape[0], x.shape[-1]
+    per = c // num_groups
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * per
+    s_dy = jnp.sum(dy, axes)  # [B, C]
+    s_dyx = jnp.sum(dy * xf, axes)
+    mean_c = jnp.repeat(mean, per, axis=1)  # [B, C]
+    inv_c = jnp.repeat(inv, per, axis=1)
+    s_dyxhat = inv_c * (s_dyx - mean_c * s_dy)  # sum over the image of dy * xhat, [B, C]
+    d_bias = jnp.sum(s_dy, 0)
+    d_scale = jnp.sum(s_dyxhat, 0)
+    m1 = (s_dy * scale).reshape(b, num_groups, per).sum(-1) / count  # mean_g(gamma dy)
+    m2 = (s_dyxhat * scale).reshape(b, num_groups, per).sum(-1) / count  # mean_g(gamma dy xhat)
+    m1_c, m2_c = jnp.repeat(m1, per, axis=1), jnp.repeat(m2, per, axis=1)
+    coef_dy = inv_c * scale
+    coef_x = -inv_c * inv_c * m2_c
+    const = -inv_c * m1_c + mean_c * inv_c * inv_c * m2_c
+    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    dx = dy * coef_dy.reshape(shape) + xf * coef_x.reshape(shape) + const.reshape(shape)
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x, scale, bias, num_groups: int, epsilon: float):
+    """GroupNorm of x [B, ..., C] over all but the batch axis, in float32; returns float32.
+
+    The same maths as ``nn.GroupNorm`` (Flax's fast variance E[x^2] - E[x]^2, clipped at 0),
+    arranged for XLA:CPU: per-channel sums over the spatial axes (reductions that keep C
+    minor), group statistics from those [B, C] sums, then one fused multiply-add
+    x * a[b, c] + s[b, c]; the backward (``_group_norm_bwd``) likewise. Flax's form reshapes
+    to [B, ..., G, C / G] and reduces over non-minor axes, and XLA:CPU fused its autodiff
+    backward into large recomputing kernels; this measured 1.3-3.5x faster here
+    (docs/BENCHMARKS.md "Speed and scale"). ``tests/test_layers_speed.py`` checks values
+    and gradients against nn.GroupNorm.
+    """
+    c = x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"GroupNorm: {num_groups} groups must divide {c} channels.")
+    return _group_norm(
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), num_groups, float(epsilon)
+    )
+
+
+class _ScaleBias(nn.Module):
+    """The ``scale`` (ones) and ``bias`` (zeros) [C] of nn.GroupNorm, under the same names."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return scale, bias
+
+
 class GroupNorm(nn.Module):
     """GroupNorm whose statistics are taken in float32, then cast to the compute dtype.
 
-    ``epsilon`` defaults to Flax's 1e-6 (what every lab checkpoint was trained with);
-    torch.nn.GroupNorm's default is 1e-5.
+    Parameters ``norm/scale`` and ``norm/bias``: the tree of the ``nn.GroupNorm(name="norm")``
+    this module wrapped before (every checkpoint and the diffusers mapping use it); the
+    arithmetic is ``group_norm`` above. ``epsilon`` defaults to Flax's 1e-6 (what every lab
+    checkpoint was trained with); torch.nn.GroupNorm's default is 1e-5.
     """
 
     num_groups: int
@@ -160,10 +354,8 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.GroupNorm(
-            num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32, name="norm"
-        )(x.astype(jnp.float32))
-        return y.astype(self.dtype)
+        scale, bias = _ScaleBias(x.shape[-1], name="norm")()
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
 
 
 def make_norm(kind: str, num_groups: int, dtype, epsilon: float, name: str):
@@ -257,7 +449,11 @@ class Upsample(nn.Module):
             return y
         if self.kind not in ("nearest", "bilinear"):
             raise ValueError(f"model.upsample must be one of {UPSAMPLES}, got {self.kind!r}.")
-        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=self.kind)
+        if self.kind == "nearest":  # jax.image.resize's values; a gather on XLA:CPU, 7x slower
+            x = jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c))
+            x = x.reshape(b, 2 * h, 2 * w, c)
+        else:
+            x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=self.kind)
         return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
 
 
@@ -342,6 +538,6 @@ class AttentionBlock(nn.Module):
         y = y.reshape(b, h * w, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y)
         q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * num_heads, head_dim), 3, axis=2)
-        y = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+        y = dot_product_attention(q, k, v).reshape(b, h * w, c)
         y = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out")(y)
         return x + y.reshape(b, h, w, c)

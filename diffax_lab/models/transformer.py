@@ -33,10 +33,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from diffax_lab.models.layers import GroupNorm
+from diffax_lab.models.layers import GroupNorm, dot_product_attention
 
 
 def gelu_exact(x):
@@ -64,7 +63,7 @@ class Attention(nn.Module):
         k = proj("to_k")(context).reshape(b, -1, self.num_heads, self.head_dim)
         v = proj("to_v")(context).reshape(b, -1, self.num_heads, self.head_dim)
         attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
-        y = jax.nn.dot_product_attention(q, k, v, mask=attn_mask).reshape(b, t, inner)
+        y = dot_product_attention(q, k, v, mask=attn_mask).reshape(b, t, inner)
         return nn.Dense(c, dtype=self.dtype, name="to_out")(y)
 
 

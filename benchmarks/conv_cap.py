@@ -1,0 +1,221 @@
+"""How fast could this network be on this backend? Its convolutions alone, ours beside PyTorch.
+
+    python -m benchmarks.conv_cap --config=configs/ddpm.py:cpu [--forward_batch=64] \
+        [--iters=10] [--rounds=3] [--threads=2] [--out=FILE]
+
+Every ``conv_general_dilated`` of the network's forward pass (its shapes, strides,
+padding, groups) is read from the jaxpr at the forward batch and at the config's train
+batch. Ours: one compiled program running all of them, each on its own input (no
+dispatch between them, nothing shared for XLA to fold): the forward convolutions, and for
+training the forward plus both gradients (input and kernel) of each. PyTorch: the same
+convolutions through ``torch.nn.functional.conv2d`` (channels-last, as the peer runs
+them), forward and forward + backward. Beside them, the PyTorch peer's whole network
+(benchmarks/diffusers_peer.py's ``UNet2DModel``; train = forward, backward, AdamW).
+
+``cap = PyTorch whole network / our convolutions alone`` is the ratio of images/s that
+ours could reach if everything but XLA's convolutions took no time at all: below 1.0,
+no change outside the convolution implementation reaches PyTorch eager. Rounds alternate
+ours and PyTorch, so that a shared machine's load falls on both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks.common_flags import define_measurement_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    define_measurement_flags()
+    flags.DEFINE_integer("rounds", 3, "Alternating rounds of ours and PyTorch.")
+    flags.DEFINE_integer("threads", 2, "torch.set_num_threads (0 = torch's default).")
+    flags.DEFINE_string("out", "", "Also write the JSON here.")
+
+
+def network_convs(model, params, x, t) -> list[dict]:
+    """The convolutions of ``model.apply(params, x, t)``, in order: input and kernel shapes
+    and the lax parameters, read from the jaxpr (sub-jaxprs included)."""
+    jaxpr = jax.make_jaxpr(lambda p, x, t: model.apply({"params": p}, x, t))(params, x, t)
+    found = []
+
+    def visit(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                p = eqn.params
+                found.append(
+                    dict(
+                        lhs=tuple(eqn.invars[0].aval.shape),
+                        rhs=tuple(eqn.invars[1].aval.shape),
+                        window_strides=tuple(p["window_strides"]),
+                        padding=tuple(tuple(q) for q in p["padding"]),
+                        lhs_dilation=tuple(p["lhs_dilation"]),
+                        rhs_dilation=tuple(p["rhs_dilation"]),
+                        dimension_numbers=p["dimension_numbers"],
+                        feature_group_count=p["feature_group_count"],
+                    )
+                )
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, list | tuple) else [v]:
+                    if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        visit(sub.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+def _lax_conv(spec):
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(
+            x,
+            k,
+            spec["window_strides"],
+            spec["padding"],
+            lhs_dilation=spec["lhs_dilation"],
+            rhs_dilation=spec["rhs_dilation"],
+            dimension_numbers=spec["dimension_numbers"],
+            feature_group_count=spec["feature_group_count"],
+        )
+
+    return conv
+
+
+def ours_program(specs, train: bool):
+    """(jitted fn, its arguments): every conv of ``specs`` on its own inputs, in one program;
+    with ``train``, each conv's forward and its vjp (input and kernel gradients)."""
+    rng = np.random.default_rng(0)
+    args = []
+    for s in specs:
+        x = jnp.asarray(rng.normal(size=s["lhs"]), jnp.float32)
+        k = jnp.asarray(rng.normal(size=s["rhs"]) * 0.1, jnp.float32)
+        out_shape = jax.eval_shape(_lax_conv(s), x, k).shape
+        g = jnp.asarray(rng.normal(size=out_shape), jnp.float32) if train else None
+        args.append((x, k, g))
+
+    def run(args):
+        outs, prev = [], None
+        for s, (x, k, g) in zip(specs, args, strict=True):
+            if prev is not None:  # one after the other, as in the network (not 2 at a time)
+                x, _ = jax.lax.optimization_barrier((x, prev))
+            conv = _lax_conv(s)
+            if train:
+                y, vjp = jax.vjp(conv, x, k)
+                outs.append((y, *vjp(g)))
+            else:
+                outs.append(conv(x, k))
+            prev = outs[-1]
+        return outs
+
+    return jax.jit(run), args
+
+
+def torch_program(torch, specs, train: bool):
+    """The same convolutions in PyTorch eager (NCHW shapes, channels-last memory)."""
+    F = torch.nn.functional
+    items = []
+    for s in specs:
+        lhs, rhs, out = s["dimension_numbers"]  # ConvDimensionNumbers of dimension indices
+        if s["lhs_dilation"] != (1, 1) or s["feature_group_count"] != 1:
+            raise ValueError(f"conv_cap: no PyTorch twin for {s}")
+        n, c, h, w = (s["lhs"][i] for i in lhs)
+        o, i_, kh, kw = (s["rhs"][i] for i in rhs)
+        x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last)
+        k = (torch.randn(o, i_, kh, kw) * 0.1).to(memory_format=torch.channels_last)
+        b = torch.zeros(o)
+        (pt, pb), (pl, pr) = s["padding"]
+        pad = (pl, pr, pt, pb)
+        if train:
+            x.requires_grad_(True)
+            k.requires_grad_(True)
+        items.append((x, k, b, pad, s["window_strides"], s["rhs_dilation"]))
+
+    def run():
+        for x, k, b, pad, stride, dil in items:
+            xin = F.pad(x, pad) if any(pad) else x
+            if train:
+                y = F.conv2d(xin, k, b, stride=stride, dilation=dil)
+                y.backward(torch.ones_like(y))
+            else:
+                with torch.no_grad():
+                    F.conv2d(xin, k, b, stride=stride, dilation=dil)
+
+    return run
+
+
+def timed(fn, iters: int) -> float:
+    out = fn()
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters
+
+
+def main(argv):
+    del argv
+    import torch
+
+    from benchmarks.cpu_profile import Peer
+    from diffax_lab import sharding
+    from diffax_lab.tasks import registry
+
+    if FLAGS.threads:
+        torch.set_num_threads(FLAGS.threads)
+    config = FLAGS.config
+    registry.check_config(config)
+    exp = registry.build(config, sharding.make_mesh(config.train.num_devices or None))
+    params = exp.create_state()["params"]
+    shape = exp.image_shape
+    batches = {"train": config.train.batch_size, "forward": FLAGS.forward_batch}
+    specs = {
+        k: network_convs(exp.model, params, jnp.zeros((b, *shape)), jnp.full((b,), 0.5))
+        for k, b in batches.items()
+    }
+    ours = {k: ours_program(specs[k], k == "train") for k in specs}
+    theirs = {k: torch_program(torch, specs[k], k == "train") for k in specs}
+    peer = Peer(config, FLAGS.forward_batch)
+    whole = {"train": peer.train, "forward": peer.forward}
+    rounds = []
+    for _ in range(FLAGS.rounds):
+        r = {}
+        for k in ("train", "forward"):
+            fn, args = ours[k]
+            r[f"ours_convs_{k}_ms"] = timed(lambda f=fn, a=args: f(a), FLAGS.iters) * 1e3
+            r[f"torch_convs_{k}_ms"] = timed(theirs[k], FLAGS.iters) * 1e3
+            r[f"torch_network_{k}_ms"] = timed(whole[k], FLAGS.iters) * 1e3
+            r[f"cap_{k}"] = r[f"torch_network_{k}_ms"] / r[f"ours_convs_{k}_ms"]
+        rounds.append(r)
+        print(json.dumps(r), flush=True)
+    result = {
+        "train_batch": batches["train"],
+        "forward_batch": batches["forward"],
+        "convolutions": len(specs["forward"]),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "rounds": rounds,
+    }
+    for key in rounds[0]:
+        result[f"median_{key}"] = float(np.median([r[key] for r in rounds]))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

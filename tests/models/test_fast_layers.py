@@ -1,0 +1,119 @@
+"""The CPU-fast arrangements of GroupNorm, attention and nearest upsampling compute what
+Flax's nn.GroupNorm, jax.nn.dot_product_attention and jax.image.resize compute: values and
+gradients (their hand-written backwards included), masks, dtypes and parameter trees."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffax_lab.models import layers
+
+
+def _rand(key, shape, scale=1.0, shift=0.0):
+    return jax.random.normal(jax.random.PRNGKey(key), shape) * scale + shift
+
+
+@pytest.mark.parametrize("shape, groups", [((3, 5, 7, 16), 4), ((2, 6, 12), 3), ((4, 8), 2)])
+def test_group_norm_matches_flax_values_and_gradients(shape, groups):
+    x = _rand(0, shape, 3.0, 1.0)  # a mean far from 0: the E[x^2] - E[x]^2 path is exercised
+    ref = nn.GroupNorm(groups, epsilon=1e-6)
+    params = ref.init(jax.random.PRNGKey(1), x)
+    params = jax.tree.map(lambda a: a + _rand(2, a.shape), params)  # not ones / zeros
+    ours = layers.GroupNorm(groups)
+    ours_params = {"params": {"norm": params["params"]}}
+    assert jax.tree.structure(ours.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(
+        ours_params
+    )
+    g = _rand(3, shape)
+
+    def loss(apply, p, x):
+        return jnp.sum(jnp.sin(apply(p, x)) * g)
+
+    (v_ref, g_ref) = jax.value_and_grad(lambda p, x: loss(ref.apply, p, x), (0, 1))(params, x)
+    (v, g_ours) = jax.value_and_grad(lambda p, x: loss(ours.apply, p, x), (0, 1))(ours_params, x)
+    np.testing.assert_allclose(ours.apply(ours_params, x), ref.apply(params, x), atol=1e-5)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(g_ref[0]["params"]),
+        jax.tree.leaves(g_ours[0]["params"]["norm"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g_ours[1], g_ref[1], rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_keeps_float32_statistics_and_the_input_dtype_of_its_gradient():
+    x = _rand(0, (2, 4, 4, 8), 2.0).astype(jnp.bfloat16)
+    norm = layers.GroupNorm(4, dtype=jnp.bfloat16)
+    params = norm.init(jax.random.PRNGKey(0), x)
+    y = norm.apply(params, x)
+    assert y.dtype == jnp.bfloat16
+    ref = nn.GroupNorm(4, epsilon=1e-6).apply(
+        {"params": params["params"]["norm"]}, x.astype(jnp.float32)
+    )
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, atol=2e-2)
+    dx = jax.grad(lambda x: jnp.sum(norm.apply(params, x).astype(jnp.float32) ** 2))(x)
+    assert dx.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="groups must divide"):
+        layers.group_norm(jnp.zeros((1, 6)), jnp.ones(6), jnp.zeros(6), 4, 1e-6)
+
+
+@pytest.mark.parametrize("heads, t, s", [(1, 7, 7), (3, 5, 9)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_lab_attention_matches_jax_nn(heads, t, s, masked):
+    d = 4
+    q, k, v, g = (
+        _rand(i, shape)
+        for i, shape in enumerate(
+            [(2, t, heads, d), (2, s, heads, d), (2, s, heads, d), (2, t, heads, d)]
+        )
+    )
+    mask = None
+    if masked:  # a random key mask, and batch 0 with every key masked (uniform weights)
+        mask = jax.random.bernoulli(jax.random.PRNGKey(9), 0.6, (2, 1, 1, s)).at[0].set(False)
+
+    def run(impl):
+        def loss(q, k, v):
+            return jnp.sum(layers.dot_product_attention(q, k, v, mask=mask, impl=impl) * g)
+
+        return layers.dot_product_attention(q, k, v, mask=mask, impl=impl), jax.grad(
+            loss, (0, 1, 2)
+        )(q, k, v)
+
+    (y_ref, g_ref), (y, g_lab) = run("xla"), run("lab")
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ref, g_lab, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_impl_table_and_refusal(monkeypatch):
+    q = _rand(0, (1, 3, 1, 2))
+    monkeypatch.setitem(layers.ATTENTION_IMPL_BY_BACKEND, jax.default_backend(), "lab")
+    jaxpr = str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q))(q))
+    assert "custom_vjp_call" in jaxpr
+    monkeypatch.setitem(layers.ATTENTION_IMPL_BY_BACKEND, jax.default_backend(), "xla")
+    jaxpr = str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q))(q))
+    assert "custom_vjp_call" not in jaxpr
+    with pytest.raises(ValueError, match="attention impl"):
+        layers.dot_product_attention(q, q, q, impl="flash")
+
+
+def test_attention_bf16_output_dtype_and_closeness():
+    q, k, v = (_rand(i, (2, 6, 2, 8)).astype(jnp.bfloat16) for i in range(3))
+    y = layers.dot_product_attention(q, k, v, impl="lab")
+    assert y.dtype == jnp.bfloat16
+    ref = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, atol=5e-2)
+
+
+def test_nearest_upsample_is_jax_image_resize():
+    x = _rand(0, (2, 3, 5, 4))
+    up = layers.Upsample(4, kind="nearest")
+    params = up.init(jax.random.PRNGKey(0), x)
+    conv = nn.Conv(4, (3, 3))
+    ref = conv.apply(
+        {"params": params["params"]["conv"]}, jax.image.resize(x, (2, 6, 10, 4), "nearest")
+    )
+    np.testing.assert_array_equal(up.apply(params, x), ref)
