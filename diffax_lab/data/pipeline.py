@@ -17,9 +17,58 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+_SHUFFLE_ROUNDS = 8
+
+
+def _mix32(x):
+    """A bijective 32-bit integer hash (Wellons' lowbias32): two multiply-xorshift rounds."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def shuffled_index(round_keys, index, num_examples: int):
+    """perm[index] of the random permutation of [0, N) that ``round_keys`` [..., R] (uint32)
+    pick, for any array of indices, without forming perm: O(len(index)), not O(N log N).
+
+    A keyed Feistel network is a bijection of [0, 4^h) (4^h >= N, h bits a half); walking
+    each index's cycle until it falls below N again restricts it to a bijection of [0, N)
+    ("cycle walking"; the walk always ends, at most 4^h / N steps expected). This is the
+    construction of TensorFlow's ``index_shuffle`` and grain's index sampler; the round
+    function is a 32-bit mix of the right half with the round key.
+    """
+    n = num_examples
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask = jnp.uint32((1 << half) - 1)
+
+    def encrypt(x):
+        left, right = x >> half, x & mask
+        for r in range(round_keys.shape[-1]):
+            left, right = right, left ^ (_mix32(right ^ round_keys[..., r]) & mask)
+        return (left << half) | right
+
+    x = encrypt(jnp.asarray(index).astype(jnp.uint32))
+    x = jax.lax.while_loop(lambda x: jnp.any(x >= n), lambda x: jnp.where(x >= n, encrypt(x), x), x)
+    return x.astype(jnp.int32)
+
+
+def epoch_round_keys(key, epoch):
+    """The shuffle's round keys [..., R] of epoch(s) ``epoch``: bits of fold_in(key, epoch)."""
+
+    def one(e):
+        return jax.random.bits(jax.random.fold_in(key, e), (_SHUFFLE_ROUNDS,), jnp.uint32)
+
+    epoch = jnp.asarray(epoch, jnp.int32)
+    return jax.vmap(one)(epoch.reshape(-1)).reshape(*epoch.shape, _SHUFFLE_ROUNDS)
+
 
 def batch_indices(key, step, num_examples: int, batch_size: int):
-    """Indices [B] of the examples in batch ``step``; epoch e is the permutation fold_in(key, e).
+    """Indices [B] of the examples in batch ``step``: epoch e visits the examples in the
+    order of the random permutation that fold_in(key, e) picks (``shuffled_index``), each
+    once. Only the B indices of the batch are computed; until 2026-12 each step sorted two
+    whole permutations of N keys (35 ms a step at N = 60,000 on the 2-core CPU).
 
     Global position p = step * B + j is split without forming step * B (int32 overflow):
     with step = q N + r, p // N = q B + (r B + j) // N and p % N = (r B + j) % N.
@@ -31,9 +80,8 @@ def batch_indices(key, step, num_examples: int, batch_size: int):
     epoch, offset = q * b + within // n, within % n
     first = epoch[0]
     # A batch spans at most two epochs when batch_size <= num_examples (validated earlier).
-    perm0 = jax.random.permutation(jax.random.fold_in(key, first), n)
-    perm1 = jax.random.permutation(jax.random.fold_in(key, first + 1), n)
-    return jnp.where(epoch == first, perm0[offset], perm1[offset])
+    keys = epoch_round_keys(key, jnp.stack([first, first + 1]))  # [2, R]
+    return shuffled_index(jnp.where((epoch == first)[:, None], keys[0], keys[1]), offset, n)
 
 
 def shard_ranges(num_examples: int, num_shards: int) -> list[tuple[int, int]]:

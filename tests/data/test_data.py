@@ -3,6 +3,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,3 +113,19 @@ def test_uint8_range_round_trip():
     y = pipeline.to_model_range(x)
     assert float(y.min()) == -1.0 and float(y.max()) == 1.0
     np.testing.assert_array_equal(np.asarray(pipeline.to_uint8(y)), x)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097])
+def test_shuffled_index_is_a_bijection_of_range_n(n):
+    keys = pipeline.epoch_round_keys(jax.random.PRNGKey(0), 5)
+    perm = np.asarray(pipeline.shuffled_index(keys, jnp.arange(n), n))
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+
+
+def test_shuffled_index_draws_every_permutation_about_equally_often():
+    """Over 2,400 epochs every one of the 24 orders of 4 examples turns up, each within
+    a loose band around 100 (a fixed or badly mixed shuffle would miss most of them)."""
+    keys = pipeline.epoch_round_keys(jax.random.PRNGKey(1), jnp.arange(2400))
+    perms = np.asarray(jax.vmap(lambda k: pipeline.shuffled_index(k, jnp.arange(4), 4))(keys))
+    _, counts = np.unique(perms, axis=0, return_counts=True)
+    assert len(counts) == 24 and counts.min() > 60 and counts.max() < 140

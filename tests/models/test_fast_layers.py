@@ -117,3 +117,27 @@ def test_nearest_upsample_is_jax_image_resize():
         {"params": params["params"]["conv"]}, jax.image.resize(x, (2, 6, 10, 4), "nearest")
     )
     np.testing.assert_array_equal(up.apply(params, x), ref)
+
+
+def test_lab_attention_in_slices_matches_jax_nn(monkeypatch):
+    """Large score tensors run in slices of the folded batch (lax.map); forced here on a
+    small problem, forward and backward, with a key mask."""
+    monkeypatch.setattr(layers, "_CHUNK_ABOVE", 8 * 9)
+    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 2 * 8 * 9)
+    q, k, v, g = (
+        _rand(i, s) for i, s in enumerate([(3, 8, 2, 4), (3, 9, 2, 4), (3, 9, 2, 4), (3, 8, 2, 4)])
+    )
+    mask = jax.random.bernoulli(jax.random.PRNGKey(9), 0.6, (3, 1, 1, 9))
+    jaxpr = str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, k, v, impl="lab"))(q))
+    assert "while" in jaxpr or "scan" in jaxpr  # the slices are a loop
+
+    def run(impl):
+        def loss(q, k, v):
+            return jnp.sum(layers.dot_product_attention(q, k, v, mask=mask, impl=impl) * g)
+
+        return jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+
+    (l_ref, g_ref), (l_lab, g_lab) = run("xla"), run("lab")
+    np.testing.assert_allclose(l_lab, l_ref, rtol=1e-5)
+    for a, b in zip(g_ref, g_lab, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
