@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from diffax_lab import config_lib  # noqa: E402
+from diffax_lab import compilation, config_lib  # noqa: E402
 from diffax_lab.optimizer import LAYOUTS  # noqa: E402
 from diffax_lab.sharding import make_mesh  # noqa: E402
 from diffax_lab.tasks import registry  # noqa: E402
@@ -44,7 +44,7 @@ def main(cache_dir: str, config_name: str = "ddpm.py:tiny", layout: str = "auto"
         t0 = time.perf_counter()
         lowered = task.make_train_step(n, True).lower(state, images, labels)
         t1 = time.perf_counter()
-        lowered.compile()
+        compilation.compile_with_options(lowered)
         t2 = time.perf_counter()
         print(
             f"{attempt} ({task.update_layout} update): trace and lower {t1 - t0:.2f} s, "

@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common_flags import define_measurement_flags
+from diffax_lab import compilation
 
 FLAGS = flags.FLAGS
 
@@ -91,7 +92,7 @@ def _lax_conv(spec):
 
 
 def ours_program(specs, train: bool):
-    """(jitted fn, its arguments): every conv of ``specs`` on its own inputs, in one program;
+    """(compiled fn, its arguments): every conv of ``specs`` on its own inputs, in one program;
     with ``train``, each conv's forward and its vjp (input and kernel gradients)."""
     rng = np.random.default_rng(0)
     args = []
@@ -116,7 +117,8 @@ def ours_program(specs, train: bool):
             prev = outs[-1]
         return outs
 
-    return jax.jit(run), args
+    compiled = compilation.compile_with_options(jax.jit(run).lower(args))
+    return compiled, args
 
 
 def torch_program(torch, specs, train: bool):

@@ -176,13 +176,13 @@ class Ours:
         self.state = exp.create_state()
         t0 = time.perf_counter()
         self.step = exp.make_train_step(n, True).lower(self.state, self.images, self.labels)
-        self.step = self.step.compile()
+        self.step = compilation.compile_with_options(self.step)
         self.train_compile_s = time.perf_counter() - t0
         y = jnp.zeros((self.Bf,), jnp.int32) if config.model.num_classes else None
         self.params = self.state["ema_params"]
         self.x, self.t = jnp.zeros((self.Bf, *shape)), jnp.full((self.Bf,), 0.5)
         fwd = jax.jit(lambda p, x, t: exp.model.apply({"params": p}, x, t, y=y))
-        self.fwd = fwd.lower(self.params, self.x, self.t).compile()
+        self.fwd = compilation.compile_with_options(fwd.lower(self.params, self.x, self.t))
         self.params = jax.tree.map(jnp.copy, self.params)  # the train step donates the state
 
     def train(self):

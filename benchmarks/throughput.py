@@ -23,7 +23,7 @@ from absl import app, flags
 
 from benchmarks.common_flags import define_measurement_flags
 from benchmarks.flops import count_flops
-from diffax_lab import sharding
+from diffax_lab import compilation, sharding
 from diffax_lab.diffusion import samplers
 from diffax_lab.tasks import registry
 
@@ -89,7 +89,9 @@ def measure(
     )
     labels = jax.device_put(np.zeros((n,), np.int32), exp.repl)
     t0 = time.perf_counter()
-    step = exp.make_train_step(n, True).lower(state, images, labels).compile()
+    step = compilation.compile_with_options(
+        exp.make_train_step(n, True).lower(state, images, labels)
+    )
     result["train_compile_s"] = time.perf_counter() - t0
     train_flops = count_flops(
         lambda p, x, t: jax.grad(lambda p: exp.model.apply({"params": p}, x, t, y=y1).sum())(p),
@@ -119,7 +121,7 @@ def measure(
     fwd = jax.jit(lambda p, x, t: exp.model.apply({"params": p}, x, t, y=yf))
     xf, tf = jnp.zeros((Bf, *shape)), jnp.full((Bf,), 0.5)
     t0 = time.perf_counter()
-    fwd = fwd.lower(params, xf, tf).compile()
+    fwd = compilation.compile_with_options(fwd.lower(params, xf, tf))
     result["forward_compile_s"] = time.perf_counter() - t0
     dt = timed(fwd, params, xf, tf, iters=iters)
     result["forward_batch"] = Bf
@@ -143,7 +145,7 @@ def measure(
         )
         key = jax.random.PRNGKey(0)
         t0 = time.perf_counter()
-        loop = loop.lower(params, key).compile()
+        loop = compilation.compile_with_options(loop.lower(params, key))
         result["sampler_compile_s"] = time.perf_counter() - t0
         dt = timed(loop, params, key, iters=max(1, iters // 5))
         result["sampler_steps"] = S
