@@ -1,6 +1,8 @@
 """The persistent compilation cache: where it goes, that it is written, and that a second
 compile of the same function is served from it."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,3 +93,73 @@ def test_in_memory_executables_are_shared_only_by_the_same_program():
     assert compilation.stats["hits"] == hits + 1
     np.testing.assert_array_equal(b(x, 3.0, n=3), 3.0 * x**3)  # n is part of the program
     assert compilation.stats["hits"] == hits + 1
+
+
+def test_cpu_compiler_options_rules(monkeypatch):
+    monkeypatch.delenv(compilation.FUSIONS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    options = compilation.cpu_compiler_options("cpu")
+    assert options == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,"
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE"
+    }
+    assert compilation.cpu_compiler_options("gpu") == {}
+    monkeypatch.setenv(compilation.FUSIONS_ENV, "off")
+    assert compilation.cpu_compiler_options("cpu") == {}
+    monkeypatch.delenv(compilation.FUSIONS_ENV)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=+eltwise")
+    assert compilation.cpu_compiler_options("cpu") == {}  # the user's own setting wins
+
+
+def _conv_silu(x, w, b):
+    y = jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jax.nn.silu(y + b)
+
+
+_FUSION_PROBE = """
+import jax, jax.numpy as jnp, numpy as np
+from diffax_lab import compilation
+from tests.test_compilation import _conv_silu
+rng = np.random.default_rng(0)
+x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(8, 28, 28, 32), (3, 3, 32, 32), (32,)])
+lowered = jax.jit(_conv_silu).lower(x, w, b)
+fused, plain = compilation.compile_with_options(lowered, "cpu"), lowered.compile()
+def kernels(c):
+    entry = c.as_text().split("ENTRY")[1]
+    return entry.count(" fusion(") + entry.count(" convolution(")
+np.testing.assert_allclose(fused(x, w, b), plain(x, w, b), rtol=1e-5, atol=1e-6)
+print(kernels(fused), kernels(plain))
+"""
+
+
+def test_fusion_options_fuse_the_epilogue_and_keep_the_values():
+    """With XLA's default flags (what ``main`` runs; the tests' own optimisation-level flag
+    turns library fusions off), the options put convolution, bias and SiLU in one kernel
+    where XLA's defaults use two, and the values agree."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", compilation.FUSIONS_ENV)}
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _FUSION_PROBE], env=env, cwd=root, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    fused, plain = map(int, out.stdout.split()[-2:])
+    assert (fused, plain) == (1, 2)
+
+
+def test_a_refused_option_falls_back_to_a_plain_compile(monkeypatch):
+    monkeypatch.delenv(compilation.FUSIONS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(compilation, "CPU_YNN_FUSIONS", ("NO_SUCH_FUSION",))
+    monkeypatch.setattr(compilation, "_refused", set())
+    x = jnp.ones((2, 5, 5, 3))
+    w, b = jnp.ones((3, 3, 3, 3)), jnp.ones((3,))
+    compiled = compilation.compile_with_options(jax.jit(_conv_silu).lower(x, w, b), "cpu")
+    np.testing.assert_allclose(compiled(x, w, b), _conv_silu(x, w, b), rtol=1e-5)
+    assert compilation.cpu_compiler_options("cpu") == {}  # not asked again

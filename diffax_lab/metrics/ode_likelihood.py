@@ -102,9 +102,11 @@ def ode_log_likelihood(
     def vector_field(state, t):
         y, _ = state
         t_b = jnp.full((batch,), t, y.dtype)
-        dy, jvp = jax.linearize(lambda z: drift(z, t_b), y)
-        jv = jax.vmap(jvp)(probes)  # [K, B, ...]: (df/dx) v for each probe
-        div = jnp.sum((probes * jv).reshape(num_probes, batch, -1), axis=-1)  # [K, B]
+        # v^T (df/dx) v by reverse mode, as score_sde's divergence: the same number as
+        # v^T ((df/dx) v), and the U-Net's CPU layers have reverse-mode rules only.
+        dy, vjp = jax.vjp(lambda z: drift(z, t_b), y)
+        vj = jax.vmap(lambda v: vjp(v)[0])(probes)  # [K, B, ...]: v^T (df/dx) for each probe
+        div = jnp.sum((probes * vj).reshape(num_probes, batch, -1), axis=-1)  # [K, B]
         return dy, div
 
     state0 = (x, jnp.zeros((num_probes, batch), x.dtype))

@@ -18,6 +18,8 @@ statistics are always computed in float32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any
@@ -83,6 +85,31 @@ CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"
 # (jaxlib 0.10; docs/BENCHMARKS.md "Speed and scale"); GPUs and TPUs keep jax.nn's until a
 # measurement there says otherwise.
 ATTENTION_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": "xla"}
+# GroupNorm's hand-written backward (``_group_norm_bwd``) per backend: on the CPU it made
+# training 5-9% faster; elsewhere autodiff of the same formulation runs.
+NORM_BACKWARD_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "autodiff", "tpu": "autodiff"}
+
+# The hand-written backwards are custom_vjp rules: reverse mode only (jax.grad, jax.vjp).
+# Code that needs forward mode through the network (jax.jvp, jax.linearize, jacfwd: JVP
+# distillation, consistency training) traces it inside ``forward_mode_ready()``.
+_FORWARD_MODE = contextvars.ContextVar("diffax_lab_forward_mode", default=False)
+
+
+@contextlib.contextmanager
+def forward_mode_ready():
+    """Within this context, GroupNorm and attention trace without their CPU backward rules
+    (custom_vjp), as plain JAX that every transformation accepts, forward mode included.
+    It acts when a function is traced (its first call under jit), so enter it around that.
+    """
+    token = _FORWARD_MODE.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
+def _lab_rules() -> bool:
+    return not _FORWARD_MODE.get()
 
 
 def _mm(a, b):
@@ -158,6 +185,11 @@ def _attention_rows_bwd(q, k, v, keep, p, o, g):
     return dq.astype(q.dtype), _swap(dk_t).astype(k.dtype), _swap(dv_t).astype(v.dtype)
 
 
+def _attention_plain(q, k, v, keep):
+    """The same forward without the custom backward (for ``forward_mode_ready``)."""
+    return _over_rows(_attention_rows_fwd, (q, k, v, keep), q.shape[1] * k.shape[1])[0]
+
+
 def _attention_bwd(res, g):
     """The softmax-attention gradient with FlashAttention's row term delta = sum(g o) (no
     reduction over the [T, S] probabilities), every dot written [X, M, K] @ [X, K, N]: the
@@ -177,11 +209,12 @@ def dot_product_attention(q, k, v, mask=None, impl: str = "auto"):
 
     ``mask`` (bool, broadcastable to [B, N, T, S]) leaves keys out, as in
     ``jax.nn.dot_product_attention``, whose result this is (same masking constant, softmax
-    in float32; tests/test_layers_speed.py compares values and gradients). ``impl``: "xla"
+    in float32; tests/models/test_fast_layers.py compares values and gradients). ``impl``: "xla"
     (jax.nn.dot_product_attention), "lab" (heads folded into the batch, the scale applied
     to q, and a hand-written backward whose dots all take the layout XLA:CPU runs fastest:
     see ``_attention_bwd``), or "auto" (``ATTENTION_IMPL_BY_BACKEND[jax.default_backend()]``
-    at trace time).
+    at trace time). The "lab" backward is a custom_vjp rule (reverse mode); inside
+    ``forward_mode_ready()`` the same forward traces without it.
     """
     if impl == "auto":
         impl = ATTENTION_IMPL_BY_BACKEND.get(jax.default_backend(), "xla")
@@ -199,7 +232,8 @@ def dot_product_attention(q, k, v, mask=None, impl: str = "auto"):
     keep = None
     if mask is not None:
         keep = jnp.broadcast_to(mask, (b, n, t, s)).reshape(b * n, t, s)
-    out = _attention_core(fold(q, t), fold(k, s), fold(v, s), keep)
+    core = _attention_core if _lab_rules() else _attention_plain
+    out = core(fold(q, t), fold(k, s), fold(v, s), keep)
     return jnp.transpose(out.reshape(b, n, t, d), (0, 2, 1, 3))
 
 
@@ -306,6 +340,10 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
     return xf * a + shift, (x, scale, mean, inv)
 
 
+def _group_norm_autodiff(x, scale, bias, num_groups, epsilon):
+    return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
+
+
 def _group_norm_bwd(num_groups, epsilon, res, dy):
     """dx = inv (gamma dy - mean_g(gamma dy) - xhat mean_g(gamma dy xhat)), written as
     A dy + B x + C with per-(sample, channel) A, B, C from two per-channel sums (of dy and
@@ -344,18 +382,24 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float):
     The same maths as ``nn.GroupNorm`` (Flax's fast variance E[x^2] - E[x]^2, clipped at 0),
     arranged for XLA:CPU: per-channel sums over the spatial axes (reductions that keep C
     minor), group statistics from those [B, C] sums, then one fused multiply-add
-    x * a[b, c] + s[b, c]; the backward (``_group_norm_bwd``) likewise. Flax's form reshapes
-    to [B, ..., G, C / G] and reduces over non-minor axes, and XLA:CPU fused its autodiff
-    backward into large recomputing kernels; this measured 1.3-3.5x faster here
-    (docs/BENCHMARKS.md "Speed and scale"). ``tests/test_layers_speed.py`` checks values
-    and gradients against nn.GroupNorm.
+    x * a[b, c] + s[b, c]. Flax's form reshapes to [B, ..., G, C / G] and reduces over
+    non-minor axes, and XLA:CPU fused its autodiff backward into large recomputing kernels;
+    this measured 1.3-3.5x faster here (docs/BENCHMARKS.md "Speed and scale"). On the CPU
+    the backward is hand-written (``_group_norm_bwd``, ``NORM_BACKWARD_BY_BACKEND``; reverse
+    mode only, see ``forward_mode_ready``). ``tests/models/test_fast_layers.py`` checks
+    values and gradients against nn.GroupNorm.
     """
     c = x.shape[-1]
     if c % num_groups:
         raise ValueError(f"GroupNorm: {num_groups} groups must divide {c} channels.")
-    return _group_norm(
-        x, scale.astype(jnp.float32), bias.astype(jnp.float32), num_groups, float(epsilon)
-    )
+    rule = NORM_BACKWARD_BY_BACKEND.get(jax.default_backend(), "autodiff")
+    if rule == "lab" and _lab_rules():
+        fn = _group_norm
+    elif rule in ("lab", "autodiff"):
+        fn = _group_norm_autodiff
+    else:
+        raise ValueError(f"GroupNorm backward must be 'lab' or 'autodiff', got {rule!r}.")
+    return fn(x, scale.astype(jnp.float32), bias.astype(jnp.float32), num_groups, float(epsilon))
 
 
 class _ScaleBias(nn.Module):

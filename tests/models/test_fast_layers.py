@@ -141,3 +141,54 @@ def test_lab_attention_in_slices_matches_jax_nn(monkeypatch):
     np.testing.assert_allclose(l_lab, l_ref, rtol=1e-5)
     for a, b in zip(g_ref, g_lab, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_unet():
+    from diffax_lab.models.unet import UNet
+
+    model = UNet(
+        out_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(4,), attention_heads=2, num_groups=4,
+    )  # fmt: skip
+    x, t = _rand(0, (2, 8, 8, 1)), jnp.array([0.3, 0.7])
+    params = model.init(jax.random.PRNGKey(0), x, t)
+    params = jax.tree.map(lambda a: a + 0.05 * _rand(1, a.shape), params)  # no zero convs
+    return model, params, x, t
+
+
+def test_forward_mode_through_the_unet_inside_forward_mode_ready(monkeypatch):
+    """The CPU rules are reverse-mode only: jax.jvp through the U-Net refuses outside the
+    context and works inside it, where u^T (J v) from jvp equals (J^T u)^T v from vjp."""
+    monkeypatch.setitem(layers.ATTENTION_IMPL_BY_BACKEND, jax.default_backend(), "lab")
+    monkeypatch.setitem(layers.NORM_BACKWARD_BY_BACKEND, jax.default_backend(), "lab")
+    model, params, x, t = _tiny_unet()
+    f = lambda x: model.apply(params, x, t)  # noqa: E731
+    v, u = _rand(5, x.shape), _rand(6, x.shape)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (v,))
+    with layers.forward_mode_ready():
+        y, jv = jax.jvp(f, (x,), (v,))
+    _, vjp = jax.vjp(f, x)  # outside: the hand-written reverse rules
+    np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(vjp(u)[0], v), rtol=1e-4)
+    np.testing.assert_allclose(y, f(x), rtol=1e-6, atol=1e-6)
+
+
+def test_group_norm_backward_table(monkeypatch):
+    x = _rand(0, (2, 4, 4, 8), 2.0, 0.5)
+    norm = layers.GroupNorm(4)
+    params = jax.tree.map(lambda a: a + _rand(1, a.shape), norm.init(jax.random.PRNGKey(0), x))
+
+    def grads():
+        return jax.grad(lambda p, x: jnp.sum(jnp.cos(norm.apply(p, x))), (0, 1))(params, x)
+
+    backend = jax.default_backend()
+    monkeypatch.setitem(layers.NORM_BACKWARD_BY_BACKEND, backend, "lab")
+    lab = grads()
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x: norm.apply(params, x))(x))
+    monkeypatch.setitem(layers.NORM_BACKWARD_BY_BACKEND, backend, "autodiff")
+    auto = grads()
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda x: norm.apply(params, x))(x))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), lab, auto)
+    monkeypatch.setitem(layers.NORM_BACKWARD_BY_BACKEND, backend, "fused")
+    with pytest.raises(ValueError, match="'lab' or 'autodiff'"):
+        norm.apply(params, x)
