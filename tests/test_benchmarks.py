@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks.flops import count_flops
@@ -61,6 +62,9 @@ def test_benchmark_modules_import_together_without_flag_clashes():
 
     before = set(flags.FLAGS)
     for name in (
+        "conv_cap",
+        "cpu_levers",
+        "cpu_profile",
         "diffusers_peer",
         "guidance_accuracy",
         "plot_eval",
@@ -86,3 +90,25 @@ def test_notebook_streams_render_as_a_terminal_shows_them():
     ]
     merged = merge_streams(outputs)
     assert [o.get("text") for o in merged] == ["a\nb\n", "train: 3/3\ndone\n", None, "y\n"]
+
+
+def test_conv_cap_finds_every_convolution_and_runs_them_as_lax_does():
+    """benchmarks/conv_cap.py reads one convolution per 4-D kernel of the U-Net, and its
+    one-after-the-other program computes what lax computes on the same inputs."""
+    from benchmarks.conv_cap import _lax_conv, network_convs, ours_program
+    from diffax_lab.models.unet import UNet
+
+    model = UNet(out_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,), num_groups=4)  # fmt: skip
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,))
+    params = model.init(jax.random.PRNGKey(0), x, t)["params"]
+    specs = network_convs(model, params, x, t)
+    kernels = [k for k in jax.tree.leaves(params) if k.ndim == 4]
+    assert len(specs) == len(kernels)
+    assert sorted(s["rhs"] for s in specs) == sorted(k.shape for k in kernels)
+    fn, args = ours_program(specs[:3], train=True)
+    for spec, (inp, k, g), (y, dx, dk) in zip(specs[:3], args, fn(args), strict=True):
+        y_ref, vjp = jax.vjp(_lax_conv(spec), inp, k)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip((dx, dk), vjp(g), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

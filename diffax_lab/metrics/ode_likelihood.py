@@ -31,6 +31,7 @@ import numpy as np
 
 from diffax_lab.diffusion.sde import SDE
 from diffax_lab.diffusion.sde_samplers import MAX_STEPS, solve_ode
+from diffax_lab.models import layers
 
 PROBES = ("rademacher", "gaussian")
 
@@ -102,11 +103,12 @@ def ode_log_likelihood(
     def vector_field(state, t):
         y, _ = state
         t_b = jnp.full((batch,), t, y.dtype)
-        # v^T (df/dx) v by reverse mode, as score_sde's divergence: the same number as
-        # v^T ((df/dx) v), and the U-Net's CPU layers have reverse-mode rules only.
-        dy, vjp = jax.vjp(lambda z: drift(z, t_b), y)
-        vj = jax.vmap(lambda v: vjp(v)[0])(probes)  # [K, B, ...]: v^T (df/dx) for each probe
-        div = jnp.sum((probes * vj).reshape(num_probes, batch, -1), axis=-1)  # [K, B]
+        # Forward mode: the U-Net's layers trace without their CPU reverse-mode rules here
+        # (layers.forward_mode_ready). Reverse mode (v^T J by vjp) measured 10x slower.
+        with layers.forward_mode_ready():
+            dy, jvp = jax.linearize(lambda z: drift(z, t_b), y)
+            jv = jax.vmap(jvp)(probes)  # [K, B, ...]: (df/dx) v for each probe
+        div = jnp.sum((probes * jv).reshape(num_probes, batch, -1), axis=-1)  # [K, B]
         return dy, div
 
     state0 = (x, jnp.zeros((num_probes, batch), x.dtype))

@@ -1,0 +1,107 @@
+"""What each CPU lever of the lab is worth: train and forward images/s with one lever off.
+
+    python -m benchmarks.cpu_levers --config=configs/ddpm.py:tiny [--forward_batch=64] \
+        [--iters=10] [--rounds=3] [--out=FILE]
+
+Variants, all built in this one process and timed alternately round by round (so that a
+shared machine's load falls on all alike):
+
+- ``all``: what the lab runs on the CPU;
+- ``no_fusion_options``: XLA's default YNNPACK library fusions
+  (``$DIFFAX_CPU_FUSIONS=off``, see ``compilation.cpu_compiler_options``);
+- ``attention_jax_nn``: ``jax.nn.dot_product_attention`` instead of the lab's arrangement
+  (``layers.ATTENTION_IMPL_BY_BACKEND``);
+- ``norm_autodiff``: GroupNorm's backward by autodiff instead of the hand-written one
+  (``layers.NORM_BACKWARD_BY_BACKEND``);
+- ``none``: the three above together.
+
+The levers are read when a step is traced and compiled, so each variant's steps are
+compiled with its setting and then run unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from benchmarks.common_flags import define_measurement_flags
+
+FLAGS = flags.FLAGS
+VARIANTS = {
+    "all": {},
+    "no_fusion_options": {"fusions": False},
+    "attention_jax_nn": {"attention": "xla"},
+    "norm_autodiff": {"norm": "autodiff"},
+    "none": {"fusions": False, "attention": "xla", "norm": "autodiff"},
+}
+
+
+def define_flags():
+    define_measurement_flags()
+    flags.DEFINE_integer("rounds", 3, "Alternating rounds over the variants.")
+    flags.DEFINE_string("out", "", "Also write the JSON here.")
+
+
+def build(config, forward_batch: int, fusions=True, attention="lab", norm="lab"):
+    """benchmarks.cpu_profile's ``Ours`` (a compiled train step and forward) with the levers
+    set while it traces and compiles."""
+    from benchmarks.cpu_profile import Ours
+    from diffax_lab import compilation
+    from diffax_lab.models import layers
+
+    backend = jax.default_backend()
+    saved = (
+        layers.ATTENTION_IMPL_BY_BACKEND.get(backend),
+        layers.NORM_BACKWARD_BY_BACKEND.get(backend),
+        os.environ.get(compilation.FUSIONS_ENV),
+    )
+    layers.ATTENTION_IMPL_BY_BACKEND[backend] = attention
+    layers.NORM_BACKWARD_BY_BACKEND[backend] = norm
+    if not fusions:
+        os.environ[compilation.FUSIONS_ENV] = "off"
+    try:
+        return Ours(config, forward_batch)
+    finally:
+        layers.ATTENTION_IMPL_BY_BACKEND[backend] = saved[0]
+        layers.NORM_BACKWARD_BY_BACKEND[backend] = saved[1]
+        if saved[2] is None:
+            os.environ.pop(compilation.FUSIONS_ENV, None)
+        else:
+            os.environ[compilation.FUSIONS_ENV] = saved[2]
+
+
+def main(argv):
+    del argv
+    from benchmarks.cpu_profile import timed
+
+    built = {name: build(FLAGS.config, FLAGS.forward_batch, **kw) for name, kw in VARIANTS.items()}
+    rounds = []
+    for _ in range(FLAGS.rounds):
+        r = {}
+        for name, ours in built.items():
+            r[f"{name}_train"] = ours.B / timed(ours.train, FLAGS.iters)
+            r[f"{name}_forward"] = ours.Bf / timed(ours.forward, FLAGS.iters)
+        rounds.append(r)
+        print(json.dumps({k: round(v, 1) for k, v in r.items()}), flush=True)
+    result = {
+        "train_batch": next(iter(built.values())).B,
+        "forward_batch": FLAGS.forward_batch,
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "median": {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]},
+        "rounds": rounds,
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
