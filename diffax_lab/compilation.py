@@ -88,15 +88,16 @@ _lock = threading.Lock()
 stats = {"hits": 0, "misses": 0}
 
 
-# XLA:CPU hands parts of a program to YNNPACK ("library fusions"). By default those are
-# dots, reductions and every convolution on its own; adding element-wise fusions lets a
-# convolution or dot carry its bias, activation and residual add (as oneDNN's post-ops do
-# in PyTorch), and a convolution without such an epilogue (most of a backward pass) then
-# runs as XLA's own, which measured faster here. On the 2-core CPU this took the cpu
-# config from 122 to 152 train and 446 to 700 forward images/s, and tiny's forward from
-# 880 to 1090 (docs/BENCHMARKS.md "Speed and scale"). The option is experimental in XLA:
-# a jaxlib that refuses it compiles with its defaults (``cpu_compiler_options``).
-CPU_YNN_FUSIONS = ("DOT", "INDIVIDUAL_DOT", "REDUCE", "ELTWISE")
+# XLA:CPU hands parts of a program to YNNPACK ("library fusions"): by default dots,
+# reductions and each convolution on its own. Without the last, convolutions run as
+# XLA's own, which measured faster on every shape of the lab's CPU configs, forward and
+# backward: on the 2-core CPU the cpu config went from 122 to 159 train and from 455 to
+# 673-723 forward images/s, tiny from 198 to 210 and 884 to 1028 (docs/BENCHMARKS.md
+# "Speed and scale", benchmarks/cpu_levers.py). Adding YNNPACK's element-wise fusions
+# (a convolution carrying its bias and activation) gained 2-4% more in the forward pass
+# but lost 4-10% in training, where XLA then materialised broadcasts for them. The
+# option is experimental in XLA: a jaxlib that refuses it compiles with its defaults.
+CPU_YNN_FUSIONS = ("DOT", "INDIVIDUAL_DOT", "REDUCE")
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FUSIONS_ENV = "DIFFAX_CPU_FUSIONS"  # "off": XLA's default library fusions
 _refused: set[str] = set()
