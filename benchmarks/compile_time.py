@@ -44,7 +44,7 @@ def main(cache_dir: str, config_name: str = "ddpm.py:tiny", layout: str = "auto"
         t0 = time.perf_counter()
         lowered = task.make_train_step(n, True).lower(state, images, labels)
         t1 = time.perf_counter()
-        compilation.compile_with_options(lowered)
+        compilation.compile_with_options(lowered, training=True)
         t2 = time.perf_counter()
         print(
             f"{attempt} ({task.update_layout} update): trace and lower {t1 - t0:.2f} s, "

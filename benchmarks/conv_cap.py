@@ -117,7 +117,7 @@ def ours_program(specs, train: bool):
             prev = outs[-1]
         return outs
 
-    compiled = compilation.compile_with_options(jax.jit(run).lower(args))
+    compiled = compilation.compile_with_options(jax.jit(run).lower(args), training=train)
     return compiled, args
 
 

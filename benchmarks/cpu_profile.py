@@ -176,7 +176,7 @@ class Ours:
         self.state = exp.create_state()
         t0 = time.perf_counter()
         self.step = exp.make_train_step(n, True).lower(self.state, self.images, self.labels)
-        self.step = compilation.compile_with_options(self.step)
+        self.step = compilation.compile_with_options(self.step, training=True)
         self.train_compile_s = time.perf_counter() - t0
         y = jnp.zeros((self.Bf,), jnp.int32) if config.model.num_classes else None
         self.params = self.state["ema_params"]

@@ -90,7 +90,7 @@ def measure(
     labels = jax.device_put(np.zeros((n,), np.int32), exp.repl)
     t0 = time.perf_counter()
     step = compilation.compile_with_options(
-        exp.make_train_step(n, True).lower(state, images, labels)
+        exp.make_train_step(n, True).lower(state, images, labels), training=True
     )
     result["train_compile_s"] = time.perf_counter() - t0
     train_flops = count_flops(

@@ -91,21 +91,24 @@ stats = {"hits": 0, "misses": 0}
 # XLA:CPU hands parts of a program to YNNPACK ("library fusions"): by default dots,
 # reductions and each convolution on its own. Without the last, convolutions run as
 # XLA's own, which measured faster on every shape of the lab's CPU configs, forward and
-# backward: on the 2-core CPU the cpu config went from 122 to 159 train and from 455 to
-# 673-723 forward images/s, tiny from 198 to 210 and 884 to 1028 (docs/BENCHMARKS.md
-# "Speed and scale", benchmarks/cpu_levers.py). Adding YNNPACK's element-wise fusions
-# (a convolution carrying its bias and activation) gained 2-4% more in the forward pass
-# but lost 4-10% in training, where XLA then materialised broadcasts for them. The
-# option is experimental in XLA: a jaxlib that refuses it compiles with its defaults.
+# backward. For inference (sampling, evaluation) YNNPACK's element-wise fusions are added
+# too: a convolution then carries its bias and activation in one kernel. In a train step
+# those cost 4-10% (XLA materialised broadcasts for them), so training leaves them out.
+# On the 2-core CPU: the cpu config 122 -> 159 train and 455 -> 700-735 forward images/s,
+# tiny 198 -> 210 and 884 -> 1070 (docs/BENCHMARKS.md "Speed and scale",
+# benchmarks/cpu_levers.py). The option is experimental in XLA: a jaxlib that refuses it
+# compiles with its defaults.
 CPU_YNN_FUSIONS = ("DOT", "INDIVIDUAL_DOT", "REDUCE")
+CPU_YNN_INFERENCE_FUSIONS = ("ELTWISE",)  # added outside train steps
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FUSIONS_ENV = "DIFFAX_CPU_FUSIONS"  # "off": XLA's default library fusions
 _refused: set[str] = set()
 
 
-def cpu_compiler_options(platform: str | None = None) -> dict[str, str]:
-    """The compile options the lab's steps use on ``platform`` (default: JAX's default
-    backend): the YNNPACK fusion set above on the CPU; nothing elsewhere, when
+def cpu_compiler_options(platform: str | None = None, training: bool = False) -> dict[str, str]:
+    """The compile options the lab's programs use on ``platform`` (default: JAX's default
+    backend): the YNNPACK fusion set above on the CPU (with the inference additions unless
+    ``training``, a train step); nothing elsewhere, when
     ``$DIFFAX_CPU_FUSIONS`` is off, when XLA_FLAGS already sets the option (the user's
     choice wins), or after this jaxlib refused it once."""
     platform = platform or jax.default_backend()
@@ -116,13 +119,16 @@ def cpu_compiler_options(platform: str | None = None) -> dict[str, str]:
         or _YNN_OPTION in _refused
     ):
         return {}
-    return {_YNN_OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in CPU_YNN_FUSIONS)}
+    kinds = CPU_YNN_FUSIONS if training else CPU_YNN_FUSIONS + CPU_YNN_INFERENCE_FUSIONS
+    return {_YNN_OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in kinds)}
 
 
-def compile_with_options(lowered: jax.stages.Lowered, platform: str | None = None):
+def compile_with_options(
+    lowered: jax.stages.Lowered, platform: str | None = None, training: bool = False
+):
     """``lowered.compile`` with ``cpu_compiler_options``; a jaxlib that does not know the
     option (it is experimental) gets a plain compile, and is not asked again."""
-    options = cpu_compiler_options(platform)
+    options = cpu_compiler_options(platform, training)
     if not options:
         return lowered.compile()
     try:
@@ -137,7 +143,9 @@ def compile_with_options(lowered: jax.stages.Lowered, platform: str | None = Non
         return lowered.compile()
 
 
-def compile_lowered(lowered: jax.stages.Lowered, devices=()) -> jax.stages.Compiled:
+def compile_lowered(
+    lowered: jax.stages.Lowered, devices=(), training: bool = False
+) -> jax.stages.Compiled:
     """``lowered.compile()`` (with ``cpu_compiler_options``), reusing an executable this
     process compiled before from the same program on the same ``devices`` (those of the
     mesh it runs on).
@@ -148,14 +156,16 @@ def compile_lowered(lowered: jax.stages.Lowered, devices=()) -> jax.stages.Compi
     closed-over array is a different key. Nothing but compiled programs is kept.
     """
     text = lowered.as_text(debug_info=False)
-    key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in devices))
+    key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in devices), training)
     with _lock:
         compiled = _in_memory.get(key)
         if compiled is not None:
             _in_memory.move_to_end(key)
             stats["hits"] += 1
             return compiled
-    compiled = compile_with_options(lowered, devices[0].platform if devices else None)
+    compiled = compile_with_options(
+        lowered, devices[0].platform if devices else None, training=training
+    )
     with _lock:
         stats["misses"] += 1
         _in_memory[key] = compiled

@@ -101,6 +101,10 @@ def test_cpu_compiler_options_rules(monkeypatch):
     options = compilation.cpu_compiler_options("cpu")
     assert options == {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,"
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE"
+    }
+    assert compilation.cpu_compiler_options("cpu", training=True) == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,"
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
     }
     assert compilation.cpu_compiler_options("gpu") == {}
@@ -125,19 +129,26 @@ from tests.test_compilation import _conv_silu
 rng = np.random.default_rng(0)
 x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(8, 28, 28, 32), (3, 3, 32, 32), (32,)])
 lowered = jax.jit(_conv_silu).lower(x, w, b)
-fused, plain = compilation.compile_with_options(lowered, "cpu"), lowered.compile()
+train = compilation.compile_with_options(lowered, "cpu", training=True)
+infer = compilation.compile_with_options(lowered, "cpu")
+plain = lowered.compile()
 def xla_convs(c):  # convolutions XLA runs itself (not inside a YNNPACK fusion)
     return c.as_text().split("ENTRY")[1].count(" convolution(")
+def kernels(c):
+    entry = c.as_text().split("ENTRY")[1]
+    return entry.count(" fusion(") + entry.count(" convolution(")
 # Sums of 288 products of size ~17: float32 summation order differs at ~2e-5.
-np.testing.assert_allclose(fused(x, w, b), plain(x, w, b), rtol=1e-5, atol=1e-4)
-print(xla_convs(fused), xla_convs(plain))
+for c in (train, infer):
+    np.testing.assert_allclose(c(x, w, b), plain(x, w, b), rtol=1e-5, atol=1e-4)
+print(xla_convs(train), xla_convs(plain), kernels(infer), kernels(plain))
 """
 
 
-def test_fusion_options_run_convolutions_as_xla_and_keep_the_values():
+def test_fusion_options_keep_the_values_and_change_the_kernels():
     """With XLA's default flags (what ``main`` runs; the tests' own optimisation-level flag
-    turns library fusions off), the options leave the convolution to XLA where its
-    defaults hand it to YNNPACK, and the values agree."""
+    turns library fusions off): a train step's convolution runs as XLA's own where the
+    defaults hand it to YNNPACK, inference puts convolution, bias and SiLU in one kernel
+    where the defaults use two, and the values agree."""
     import subprocess
     import sys
 
@@ -149,8 +160,7 @@ def test_fusion_options_run_convolutions_as_xla_and_keep_the_values():
         text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    ours, default = map(int, out.stdout.split()[-2:])
-    assert (ours, default) == (1, 0)
+    assert tuple(map(int, out.stdout.split()[-4:])) == (1, 0, 1, 2)
 
 
 def test_a_refused_option_falls_back_to_a_plain_compile(monkeypatch):

@@ -281,7 +281,7 @@ def _train(config, workdir, mesh, task):
         logging.info("Compiling the train step (batch %d)...", config.train.batch_size)
         t0 = time.perf_counter()
         train_step = compilation.compile_lowered(
-            train_step.lower(state, *batch_for(start)), task.mesh.devices.flat
+            train_step.lower(state, *batch_for(start)), task.mesh.devices.flat, training=True
         )
         logging.info(
             "Compiled in %.1f s; per device %s.", time.perf_counter() - t0, memory_line(train_step)
