@@ -81,12 +81,13 @@ CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"
 
 
 # Attention implementation per backend, read at trace time by ``dot_product_attention``.
-# "lab" (below) measured 1.5-6x faster forward than jax.nn.dot_product_attention on XLA:CPU
-# (jaxlib 0.10; docs/BENCHMARKS.md "Speed and scale"); GPUs and TPUs keep jax.nn's until a
-# measurement there says otherwise.
+# "lab" (below) measured 1.4-7x faster forward than jax.nn.dot_product_attention on XLA:CPU
+# and made whole train steps 17-38% faster (jaxlib 0.10; docs/BENCHMARKS.md "Speed and
+# scale", benchmarks/cpu_levers.py); GPUs and TPUs keep jax.nn's until a measurement there
+# says otherwise.
 ATTENTION_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": "xla"}
 # GroupNorm's hand-written backward (``_group_norm_bwd``) per backend: on the CPU it made
-# training 5-9% faster; elsewhere autodiff of the same formulation runs.
+# train steps 2-9% faster; elsewhere autodiff of the same formulation runs.
 NORM_BACKWARD_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "autodiff", "tpu": "autodiff"}
 
 # The hand-written backwards are custom_vjp rules: reverse mode only (jax.grad, jax.vjp).
@@ -99,7 +100,9 @@ _FORWARD_MODE = contextvars.ContextVar("diffax_lab_forward_mode", default=False)
 def forward_mode_ready():
     """Within this context, GroupNorm and attention trace without their CPU backward rules
     (custom_vjp), as plain JAX that every transformation accepts, forward mode included.
-    It acts when a function is traced (its first call under jit), so enter it around that.
+    It acts when a function is traced: enter it around the first call of a jitted function
+    (a jit cache entry traced outside it keeps the reverse-mode rules, and the other way
+    round), as ``metrics/ode_likelihood.py`` does around its ``jax.linearize``.
     """
     token = _FORWARD_MODE.set(True)
     try:
