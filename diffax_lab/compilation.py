@@ -94,9 +94,9 @@ stats = {"hits": 0, "misses": 0}
 # backward. For inference (sampling, evaluation) YNNPACK's element-wise fusions are added
 # too: a convolution then carries its bias and activation in one kernel. In a train step
 # those cost 4-10% (XLA materialised broadcasts for them), so training leaves them out.
-# On the 2-core CPU: the cpu config 122 -> 159 train and 455 -> 700-735 forward images/s,
-# tiny 198 -> 210 and 884 -> 1070 (docs/BENCHMARKS.md "Speed and scale",
-# benchmarks/cpu_levers.py). The option is experimental in XLA: a jaxlib that refuses it
+# On the 2-core CPU (benchmarks/cpu_levers.py, XLA's defaults -> these): the cpu config
+# 122 -> 162 train and 449 -> 718 forward images/s, tiny 182 -> 208 and 840 -> 1025
+# (docs/BENCHMARKS.md "Speed and scale"). The option is experimental in XLA: a jaxlib that refuses it
 # compiles with its defaults.
 CPU_YNN_FUSIONS = ("DOT", "INDIVIDUAL_DOT", "REDUCE")
 CPU_YNN_INFERENCE_FUSIONS = ("ELTWISE",)  # added outside train steps
