@@ -89,15 +89,15 @@ stats = {"hits": 0, "misses": 0}
 
 
 # XLA:CPU hands parts of a program to YNNPACK ("library fusions"): by default dots,
-# reductions and each convolution on its own. Without the last, convolutions run as
-# XLA's own, which measured faster on every shape of the lab's CPU configs, forward and
-# backward. For inference (sampling, evaluation) YNNPACK's element-wise fusions are added
-# too: a convolution then carries its bias and activation in one kernel. In a train step
-# those cost 4-10% (XLA materialised broadcasts for them), so training leaves them out.
-# On the 2-core CPU (benchmarks/cpu_levers.py, XLA's defaults -> these): the cpu config
-# 122 -> 162 train and 449 -> 718 forward images/s, tiny 182 -> 208 and 840 -> 1025
-# (docs/BENCHMARKS.md "Speed and scale"). The option is experimental in XLA: a jaxlib that refuses it
-# compiles with its defaults.
+# reductions and each convolution on its own. Without the last, convolutions run as XLA's
+# own, which made the lab's CPU configs faster in training and in the forward pass. For
+# inference (sampling, evaluation) YNNPACK's element-wise fusions are added too: a
+# convolution then carries its bias and activation in one kernel. In a train step those
+# cost 4-13% (XLA materialised broadcasts for them), so training leaves them out. On the
+# 2-core CPU (benchmarks/cpu_levers.py, XLA's defaults -> these): the cpu config 122 -> 162
+# train and 449 -> 718 forward images/s, tiny 182 -> 208 and 840 -> 1025
+# (docs/BENCHMARKS.md "Speed and scale"). The option is experimental in XLA: a jaxlib that
+# refuses it compiles with its defaults.
 CPU_YNN_FUSIONS = ("DOT", "INDIVIDUAL_DOT", "REDUCE")
 CPU_YNN_INFERENCE_FUSIONS = ("ELTWISE",)  # added outside train steps
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
