@@ -154,12 +154,6 @@ def _over_rows(fn, args, per_row: int):
     return jax.tree.map(lambda o: o.reshape(x, *o.shape[2:]), out)
 
 
-@jax.custom_vjp
-def _attention_core(q, k, v, keep):
-    """softmax(q k^T) v on [X, T, D], [X, S, D], [X, S, D]; ``keep`` [X, T, S] bool or None."""
-    return _attention_fwd(q, k, v, keep)[0]
-
-
 def _attention_rows_fwd(q, k, v, keep):
     logits = _mm(q, _swap(k))
     if keep is not None:
@@ -171,6 +165,13 @@ def _attention_rows_fwd(q, k, v, keep):
 def _attention_fwd(q, k, v, keep):
     o, p = _over_rows(_attention_rows_fwd, (q, k, v, keep), q.shape[1] * k.shape[1])
     return o, (q, k, v, keep, p, o)
+
+
+def _attention_plain(q, k, v, keep):
+    """softmax(q k^T) v on [X, T, D], [X, S, D], [X, S, D]; ``keep`` [X, T, S] bool or None.
+    Differentiated by JAX as written (``forward_mode_ready``); ``_attention_core`` is the
+    same forward with the hand-written backward."""
+    return _attention_fwd(q, k, v, keep)[0]
 
 
 def _attention_rows_bwd(q, k, v, keep, p, o, g):
@@ -188,11 +189,6 @@ def _attention_rows_bwd(q, k, v, keep, p, o, g):
     return dq.astype(q.dtype), _swap(dk_t).astype(k.dtype), _swap(dv_t).astype(v.dtype)
 
 
-def _attention_plain(q, k, v, keep):
-    """The same forward without the custom backward (for ``forward_mode_ready``)."""
-    return _over_rows(_attention_rows_fwd, (q, k, v, keep), q.shape[1] * k.shape[1])[0]
-
-
 def _attention_bwd(res, g):
     """The softmax-attention gradient with FlashAttention's row term delta = sum(g o) (no
     reduction over the [T, S] probabilities), every dot written [X, M, K] @ [X, K, N]: the
@@ -204,6 +200,7 @@ def _attention_bwd(res, g):
     return dq, dk, dv, None
 
 
+_attention_core = jax.custom_vjp(_attention_plain)
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
@@ -310,41 +307,38 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _group_stats(x, num_groups: int):
-    """Per-group mean and 1 / std pieces of x [B, ..., C] (float32): mean [B, G], mean of
-    squares [B, G], from two per-channel reductions that keep C minor."""
-    b, c = x.shape[0], x.shape[-1]
-    axes = tuple(range(1, x.ndim - 1))
-    per = c // num_groups
-    count = math.prod(x.shape[1:-1]) * per
-    mean = jnp.sum(x, axes).reshape(b, num_groups, per).sum(-1) / count
-    mean_sq = jnp.sum(x * x, axes).reshape(b, num_groups, per).sum(-1) / count
-    return mean, mean_sq, count
+def _group_layout(x, num_groups: int):
+    """(spatial axes, channels per group, elements per group) of x [B, ..., C]."""
+    per = x.shape[-1] // num_groups
+    return tuple(range(1, x.ndim - 1)), per, math.prod(x.shape[1:-1]) * per
 
 
-def _per_channel(a, per: int, ndim: int):
-    """[B, G] -> [B, 1, ..., 1, C]: each group's value repeated over its channels."""
-    a = jnp.repeat(a, per, axis=1)
+def _group_mean(per_channel_sums, num_groups: int, count: int):
+    """[B, C] sums over the image -> [B, G] means over each group's elements."""
+    b, c = per_channel_sums.shape
+    return per_channel_sums.reshape(b, num_groups, c // num_groups).sum(-1) / count
+
+
+def _to_image(a, ndim: int):
+    """[B, C] -> [B, 1, ..., 1, C], broadcastable against the image."""
     return a.reshape((a.shape[0],) + (1,) * (ndim - 2) + (a.shape[1],))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _group_norm(x, scale, bias, num_groups, epsilon):
+def _group_norm_plain(x, scale, bias, num_groups, epsilon):
+    """Differentiated by JAX as written (GPUs, TPUs, ``forward_mode_ready``); ``_group_norm``
+    is the same forward with the hand-written backward."""
     return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
     xf = x.astype(jnp.float32)
-    mean, mean_sq, _ = _group_stats(xf, num_groups)
+    axes, per, count = _group_layout(x, num_groups)
+    mean = _group_mean(jnp.sum(xf, axes), num_groups, count)  # [B, G]
+    mean_sq = _group_mean(jnp.sum(xf * xf, axes), num_groups, count)
     inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)  # [B, G]
-    per = x.shape[-1] // num_groups
-    a = _per_channel(inv, per, x.ndim) * scale
-    shift = bias - _per_channel(mean, per, x.ndim) * a
+    a = _to_image(jnp.repeat(inv, per, axis=1), x.ndim) * scale
+    shift = bias - _to_image(jnp.repeat(mean, per, axis=1), x.ndim) * a
     return xf * a + shift, (x, scale, mean, inv)
-
-
-def _group_norm_autodiff(x, scale, bias, num_groups, epsilon):
-    return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
 def _group_norm_bwd(num_groups, epsilon, res, dy):
@@ -354,10 +348,7 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
     del epsilon
     x, scale, mean, inv = res
     xf = x.astype(jnp.float32)
-    b, c = x.shape[0], x.shape[-1]
-    per = c // num_groups
-    axes = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1]) * per
+    axes, per, count = _group_layout(x, num_groups)
     s_dy = jnp.sum(dy, axes)  # [B, C]
     s_dyx = jnp.sum(dy * xf, axes)
     mean_c = jnp.repeat(mean, per, axis=1)  # [B, C]
@@ -365,17 +356,18 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
     s_dyxhat = inv_c * (s_dyx - mean_c * s_dy)  # sum over the image of dy * xhat, [B, C]
     d_bias = jnp.sum(s_dy, 0)
     d_scale = jnp.sum(s_dyxhat, 0)
-    m1 = (s_dy * scale).reshape(b, num_groups, per).sum(-1) / count  # mean_g(gamma dy)
-    m2 = (s_dyxhat * scale).reshape(b, num_groups, per).sum(-1) / count  # mean_g(gamma dy xhat)
+    m1 = _group_mean(s_dy * scale, num_groups, count)  # mean_g(gamma dy)
+    m2 = _group_mean(s_dyxhat * scale, num_groups, count)  # mean_g(gamma dy xhat)
     m1_c, m2_c = jnp.repeat(m1, per, axis=1), jnp.repeat(m2, per, axis=1)
     coef_dy = inv_c * scale
     coef_x = -inv_c * inv_c * m2_c
     const = -inv_c * m1_c + mean_c * inv_c * inv_c * m2_c
-    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
-    dx = dy * coef_dy.reshape(shape) + xf * coef_x.reshape(shape) + const.reshape(shape)
+    n = x.ndim
+    dx = dy * _to_image(coef_dy, n) + xf * _to_image(coef_x, n) + _to_image(const, n)
     return dx.astype(x.dtype), d_scale, d_bias
 
 
+_group_norm = jax.custom_vjp(_group_norm_plain, nondiff_argnums=(3, 4))
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
@@ -399,7 +391,7 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float):
     if rule == "lab" and _lab_rules():
         fn = _group_norm
     elif rule in ("lab", "autodiff"):
-        fn = _group_norm_autodiff
+        fn = _group_norm_plain
     else:
         raise ValueError(f"GroupNorm backward must be 'lab' or 'autodiff', got {rule!r}.")
     return fn(x, scale.astype(jnp.float32), bias.astype(jnp.float32), num_groups, float(epsilon))
