@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags
+from benchmarks.common_flags import define_measurement_flags, print_json
 from diffax_lab import compilation
 
 FLAGS = flags.FLAGS
@@ -154,21 +153,11 @@ def torch_program(torch, specs, train: bool):
     return run
 
 
-def timed(fn, iters: int) -> float:
-    out = fn()
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
-
-
 def main(argv):
     del argv
     import torch
 
-    from benchmarks.cpu_profile import Peer
+    from benchmarks.cpu_profile import Peer, timed
     from diffax_lab import sharding
     from diffax_lab.tasks import registry
 
@@ -211,11 +200,7 @@ def main(argv):
     }
     for key in rounds[0]:
         result[f"median_{key}"] = float(np.median([r[key] for r in rounds]))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text + "\n")
+    print_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

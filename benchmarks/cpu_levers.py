@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags
+from benchmarks.common_flags import define_measurement_flags, print_json
 
 FLAGS = flags.FLAGS
 VARIANTS = {
@@ -95,11 +95,7 @@ def main(argv):
         "median": {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]},
         "rounds": rounds,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text + "\n")
+    print_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags
+from benchmarks.common_flags import define_measurement_flags, print_json
 from diffax_lab import compilation, sharding
 from diffax_lab.tasks import registry
 
@@ -149,17 +149,14 @@ def breakdown(compiled, run, n: int, wall_s: float) -> dict:
     return out
 
 
-def _ready(out):
-    if isinstance(out, jax.Array | dict):  # PyTorch on the CPU returns when done
-        jax.block_until_ready(out)
-
-
 def timed(fn, iters):
-    _ready(fn())
+    """Seconds per call of ``fn()`` after one warm-up call, waiting for what it returns
+    (JAX arrays in any pytree; PyTorch's CPU tensors are ready when returned)."""
+    jax.block_until_ready(fn())
     t0 = time.perf_counter()
     for _ in range(iters):
         out = fn()
-    _ready(out)
+    jax.block_until_ready(out)
     return (time.perf_counter() - t0) / iters
 
 
@@ -331,11 +328,7 @@ def main(argv):
             peer.torch, peer.forward, None, iters, peer.Bf / rounds[-1]["torch_forward"]
         )
     result.pop("config")
-    text = json.dumps(result, indent=1)
-    print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text + "\n")
+    print_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ step, not the input pipeline (which is on the device and inside the step anyway)
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags
+from benchmarks.common_flags import define_measurement_flags, print_json
 from benchmarks.flops import count_flops
 from diffax_lab import compilation, sharding
 from diffax_lab.diffusion import samplers
@@ -167,11 +166,7 @@ def main(argv):
         sample_steps=FLAGS.sample_steps,
         peak_tflops=FLAGS.peak_tflops,
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text + "\n")
+    print_json(result, FLAGS.out, indent=2)
 
 
 if __name__ == "__main__":
