@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common_flags import define_measurement_flags, print_json
+from benchmarks.flops import sub_jaxprs
 from diffax_lab import compilation
 
 FLAGS = flags.FLAGS
@@ -63,12 +64,8 @@ def network_convs(model, params, x, t) -> list[dict]:
                         feature_group_count=p["feature_group_count"],
                     )
                 )
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, list | tuple) else [v]:
-                    if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                        visit(sub.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        visit(sub)
+            for _, sub in sub_jaxprs(eqn):
+                visit(sub)
 
     visit(jaxpr.jaxpr)
     return found

@@ -35,7 +35,8 @@ def _dot_flops(eqn) -> int:
     return 2 * batch * lhs_free * rhs_free * contract
 
 
-def _sub_jaxprs(eqn):
+def sub_jaxprs(eqn):
+    """(parameter name, jaxpr) of every jaxpr an equation holds: jit, scan, cond, custom rules."""
     for name, value in eqn.params.items():
         if isinstance(value, core.ClosedJaxpr):
             yield name, value.jaxpr
@@ -58,7 +59,7 @@ def jaxpr_flops(jaxpr) -> int:
         elif prim == "dot_general":
             total += _dot_flops(eqn)
         else:
-            subs = list(_sub_jaxprs(eqn))
+            subs = list(sub_jaxprs(eqn))
             if prim == "cond":  # one branch runs: count the most expensive
                 total += max((jaxpr_flops(j) for _, j in subs), default=0)
                 continue
