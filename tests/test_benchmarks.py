@@ -63,6 +63,7 @@ def test_benchmark_modules_import_together_without_flag_clashes():
     before = set(flags.FLAGS)
     for name in (
         "conv_cap",
+        "cpu_layers",
         "cpu_levers",
         "cpu_profile",
         "diffusers_peer",

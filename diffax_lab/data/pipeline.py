@@ -68,7 +68,8 @@ def batch_indices(key, step, num_examples: int, batch_size: int):
     """Indices [B] of the examples in batch ``step``: epoch e visits the examples in the
     order of the random permutation that fold_in(key, e) picks (``shuffled_index``), each
     once. Only the B indices of the batch are computed; until 2026-12 each step sorted two
-    whole permutations of N keys (35 ms a step at N = 60,000 on the 2-core CPU).
+    whole permutations of N keys (19.6 ms each at N = 60,000 on the 2-core CPU,
+    benchmarks/cpu_layers.py).
 
     Global position p = step * B + j is split without forming step * B (int32 overflow):
     with step = q N + r, p // N = q B + (r B + j) // N and p % N = (r B + j) % N.

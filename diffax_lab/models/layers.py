@@ -66,6 +66,13 @@ def sinusoidal_embedding(
     return emb
 
 
+def nearest_2x(x):
+    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2: jax.image.resize's "nearest"
+    values by a broadcast (resize is a gather on XLA:CPU; benchmarks/cpu_layers.py)."""
+    b, h, w, c = x.shape
+    return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
 def space_to_depth(x, factor: int = 2):
     """[B, H, W, C] -> [B, H/f, W/f, C f^2]: einops 'b (h p1) (w p2) c -> b h w (c p1 p2)'."""
     b, h, w, c = x.shape
@@ -81,7 +88,7 @@ CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"
 
 
 # Attention implementation per backend, read at trace time by ``dot_product_attention``.
-# "lab" (below) measured 1.4-7x faster forward than jax.nn.dot_product_attention on XLA:CPU
+# "lab" (below) measured 1.1-7x faster forward than jax.nn.dot_product_attention on XLA:CPU
 # and made whole train steps 17-38% faster (jaxlib 0.10; docs/BENCHMARKS.md "Speed and
 # scale", benchmarks/cpu_levers.py); GPUs and TPUs keep jax.nn's until a measurement there
 # says otherwise.
@@ -131,7 +138,8 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax.nn.dot_product_attenti
 # Attention over more than _CHUNK_ABOVE logits runs in slices of the folded batch of about
 # _CHUNK_ELEMENTS logits each (a lax.map), so that a slice's [T, S] scores stay in cache:
 # on the 2-core CPU the cpu config's middle attention at batch 64 ([256, 196, 196] scores,
-# 39 MB) went from 15.1 to 5.1 ms this way, while sizes under 16 MB gained nothing.
+# 39 MB) went from 15.1 to 5.1 ms this way in a one-off measurement (not a kept benchmark),
+# while sizes under 16 MB gained nothing.
 _CHUNK_ABOVE = 1 << 22
 _CHUNK_ELEMENTS = 1 << 21
 
@@ -379,7 +387,7 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float):
     minor), group statistics from those [B, C] sums, then one fused multiply-add
     x * a[b, c] + s[b, c]. Flax's form reshapes to [B, ..., G, C / G] and reduces over
     non-minor axes, and XLA:CPU fused its autodiff backward into large recomputing kernels;
-    this measured 1.3-3.5x faster here (docs/BENCHMARKS.md "Speed and scale"). On the CPU
+    this measured 1.1-4.5x faster here (benchmarks/cpu_layers.py). On the CPU
     the backward is hand-written (``_group_norm_bwd``, ``NORM_BACKWARD_BY_BACKEND``; reverse
     mode only, see ``forward_mode_ready``). ``tests/models/test_fast_layers.py`` checks
     values and gradients against nn.GroupNorm.
@@ -519,9 +527,8 @@ class Upsample(nn.Module):
             return y
         if self.kind not in ("nearest", "bilinear"):
             raise ValueError(f"model.upsample must be one of {UPSAMPLES}, got {self.kind!r}.")
-        if self.kind == "nearest":  # jax.image.resize's values; a gather on XLA:CPU, 7x slower
-            x = jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c))
-            x = x.reshape(b, 2 * h, 2 * w, c)
+        if self.kind == "nearest":
+            x = nearest_2x(x)
         else:
             x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=self.kind)
         return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
