@@ -1,11 +1,12 @@
 """How fast could this network be on this backend? Its convolutions alone, ours beside PyTorch.
 
     python -m benchmarks.conv_cap --config=configs/ddpm.py:cpu [--forward_batch=64] \
-        [--iters=10] [--rounds=3] [--threads=2] [--out=FILE]
+        [--iters=10] [--rounds=3] [--threads=2] [--pieces] [--out=FILE]
 
 Every ``conv_general_dilated`` of the network's forward pass (its shapes, strides,
 padding, groups) is read from the jaxpr at the forward batch and at the config's train
-batch. Ours: one compiled program running all of them, each on its own input (no
+batch (1x1 convolutions that ``layers.Conv`` runs as dots on this backend are dots, not
+convolutions, and are left out on both sides). Ours: one compiled program running all of them, each on its own input (no
 dispatch between them, nothing shared for XLA to fold): the forward convolutions, and for
 training the forward plus both gradients (input and kernel) of each. PyTorch: the same
 convolutions through ``torch.nn.functional.conv2d`` (channels-last, as the peer runs
@@ -16,6 +17,11 @@ them), forward and forward + backward. Beside them, the PyTorch peer's whole net
 ours could reach if everything but XLA's convolutions took no time at all: below 1.0,
 no change outside the convolution implementation reaches PyTorch eager. Rounds alternate
 ours and PyTorch, so that a shared machine's load falls on both alike.
+
+``--pieces``: each distinct convolution of the train batch timed alone, in its three parts
+(forward, input gradient, kernel gradient), ours beside PyTorch's ``conv2d``,
+``torch.nn.grad.conv2d_input`` and ``conv2d_weight``; totals weighted by how often each
+occurs in the network. It says which part of XLA:CPU's convolution falls behind.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def define_flags():
     define_measurement_flags()
     flags.DEFINE_integer("rounds", 3, "Alternating rounds of ours and PyTorch.")
     flags.DEFINE_integer("threads", 2, "torch.set_num_threads (0 = torch's default).")
+    flags.DEFINE_bool("pieces", False, "Also time forward / input grad / kernel grad apart.")
     flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 
@@ -87,17 +94,19 @@ def _lax_conv(spec):
     return conv
 
 
+def _random_args(spec, train: bool, rng):
+    x = jnp.asarray(rng.normal(size=spec["lhs"]), jnp.float32)
+    k = jnp.asarray(rng.normal(size=spec["rhs"]) * 0.1, jnp.float32)
+    out_shape = jax.eval_shape(_lax_conv(spec), x, k).shape
+    g = jnp.asarray(rng.normal(size=out_shape), jnp.float32) if train else None
+    return x, k, g
+
+
 def ours_program(specs, train: bool):
     """(compiled fn, its arguments): every conv of ``specs`` on its own inputs, in one program;
     with ``train``, each conv's forward and its vjp (input and kernel gradients)."""
     rng = np.random.default_rng(0)
-    args = []
-    for s in specs:
-        x = jnp.asarray(rng.normal(size=s["lhs"]), jnp.float32)
-        k = jnp.asarray(rng.normal(size=s["rhs"]) * 0.1, jnp.float32)
-        out_shape = jax.eval_shape(_lax_conv(s), x, k).shape
-        g = jnp.asarray(rng.normal(size=out_shape), jnp.float32) if train else None
-        args.append((x, k, g))
+    args = [_random_args(s, train, rng) for s in specs]
 
     def run(args):
         outs, prev = [], None
@@ -150,6 +159,69 @@ def torch_program(torch, specs, train: bool):
     return run
 
 
+PIECES = ("fwd", "dx", "dw")
+
+
+def piece_programs(torch, spec) -> dict:
+    """{"ours_fwd" | "ours_dx" | "ours_dw" | "torch_...": a no-argument callable}: one
+    convolution's forward, input gradient and kernel gradient, each alone, both sides on
+    the same numbers (PyTorch's input is ours, padded; its input gradient is therefore that
+    of the padded input)."""
+    F, grad = torch.nn.functional, torch.nn.grad
+    conv = _lax_conv(spec)
+    x, k, g = _random_args(spec, True, np.random.default_rng(0))
+    parts = {
+        "fwd": lambda x, k, g: conv(x, k),
+        "dx": lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0],
+        "dw": lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0],
+    }
+    out = {}
+    for name, fn in parts.items():
+        c = compilation.compile_with_options(jax.jit(fn).lower(x, k, g), training=True)
+        out[f"ours_{name}"] = lambda c=c: c(x, k, g)
+    lhs, rhs, outs = spec["dimension_numbers"]
+    (pt, pb), (pl, pr) = spec["padding"]
+    cl = torch.channels_last
+
+    def to_torch(a, dims):  # our layout -> PyTorch's NCHW / OIHW, channels-last memory
+        return torch.from_numpy(np.asarray(a).transpose(dims).copy()).contiguous(memory_format=cl)
+
+    tx = F.pad(to_torch(x, lhs), (pl, pr, pt, pb)).contiguous(memory_format=cl)
+    tk, tg = to_torch(k, rhs), to_torch(g, outs)
+    st, dil = spec["window_strides"], spec["rhs_dilation"]
+    # No tensor here requires grad: nothing is recorded for autograd.
+    out["torch_fwd"] = lambda: F.conv2d(tx, tk, stride=st, dilation=dil)
+    out["torch_dx"] = lambda: grad.conv2d_input(tx.shape, tk, tg, stride=st, dilation=dil)
+    out["torch_dw"] = lambda: grad.conv2d_weight(tx, tk.shape, tg, stride=st, dilation=dil)
+    return out
+
+
+def pieces(torch, specs, rounds: int, iters: int) -> dict:
+    """Per distinct convolution and weighted totals, ms (median over alternating rounds)."""
+    from benchmarks.cpu_profile import timed
+
+    distinct = {}
+    for s in specs:
+        key = json.dumps({k: v for k, v in s.items() if k != "dimension_numbers"}, default=str)
+        distinct.setdefault(key, [s, 0])[1] += 1
+    table = []
+    for spec, count in distinct.values():
+        progs = piece_programs(torch, spec)
+        times = {name: [] for name in progs}
+        for _ in range(rounds):
+            for name, fn in progs.items():
+                times[name].append(timed(fn, iters) * 1e3)
+        row = {"lhs": spec["lhs"], "rhs": spec["rhs"], "count": count}
+        row.update({name: float(np.median(v)) for name, v in times.items()})
+        table.append(row)
+    totals = {
+        f"{who}_{p}_ms": sum(r["count"] * r[f"{who}_{p}"] for r in table)
+        for who in ("ours", "torch")
+        for p in PIECES
+    }
+    return {"convolutions": table, "totals": totals}
+
+
 def main(argv):
     del argv
     import torch
@@ -197,6 +269,8 @@ def main(argv):
     }
     for key in rounds[0]:
         result[f"median_{key}"] = float(np.median([r[key] for r in rounds]))
+    if FLAGS.pieces:
+        result["pieces"] = pieces(torch, specs["train"], FLAGS.rounds, FLAGS.iters)
     print_json(result, FLAGS.out)
 
 

@@ -8,9 +8,17 @@ of configs/ddpm.py's tiny and cpu U-Nets (ms per call, median of --iters after w
 - attention forward: ``jax.nn.dot_product_attention`` against ``layers.dot_product_attention``
   with impl "lab" (the last shape is the cpu config's middle block at batch 64, which runs
   in slices);
+- dropout at rate 0.1, forward and forward + backward: ``nn.Dropout`` (jax.random's
+  Threefry, a rolled loop on XLA:CPU) against ``layers.Dropout`` (the same mask from an
+  unrolled Threefry that fuses);
 - nearest 2x upsampling: ``jax.image.resize`` against ``layers.nearest_2x`` (a broadcast);
 - the batch order: ``jax.random.permutation`` of N (what every step sorted twice) against
-  ``pipeline.batch_indices`` (B indices of a keyed shuffle).
+  ``pipeline.batch_indices`` (B indices of a keyed shuffle);
+- with ``--peer`` (torch + diffusers), ours (compiled with the lab's options) against
+  PyTorch eager on the tiny config's shapes: a whole attention block (GroupNorm, q/k/v,
+  attention, output projection, residual; diffusers' ``Attention``, the peer U-Net's
+  block, with PyTorch's fused SDPA), GroupNorm + SiLU, and the skip concatenation of the
+  decoder (32 + 16 channels), forward and forward + backward of a sum of squares.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_integer("iters", 30, "Timed calls after warm-up.")
+    flags.DEFINE_bool("peer", True, "Also time an attention block against diffusers'.")
+    flags.DEFINE_integer("threads", 2, "torch.set_num_threads for --peer (0 = torch's default).")
 
 
 def median_ms(fn, *args, iters: int) -> float:
@@ -74,6 +84,18 @@ def main(argv):
             )  # fmt: skip
             for impl in ("xla", "lab")
         }
+    for shape in [(16, 32, 32, 16), (16, 16, 16, 32)]:
+        x = jax.random.normal(key, shape)
+        row = {}
+        for name, mod in (("flax", nn.Dropout(0.1)), ("lab", layers.Dropout(0.1))):
+            rngs = {"dropout": jax.random.key(1)}
+            fwd = jax.jit(lambda x, m=mod, r=rngs: m.apply({}, x, False, rngs=r))
+            grad = jax.jit(
+                jax.grad(lambda x, m=mod, r=rngs: jnp.sum(m.apply({}, x, False, rngs=r) ** 2))
+            )
+            row[f"{name}_fwd"] = median_ms(fwd, x, iters=it)
+            row[f"{name}_fwd_bwd"] = median_ms(grad, x, iters=it)
+        out[f"dropout {shape}"] = row
     x = jax.random.normal(key, (64, 14, 14, 64))
     resize = jax.jit(lambda x: jax.image.resize(x, (64, 28, 28, 64), "nearest"))
     out["nearest_upsample (64, 14, 14, 64)"] = {
@@ -87,7 +109,115 @@ def main(argv):
             "one_permutation": median_ms(perm, key, iters=it),
             "batch_indices": median_ms(batch, key, 5, n, 32, iters=it),
         }
+    if FLAGS.peer:
+        out["attention_block (16, 16, 16, 32), 1 head"] = attention_block_vs_diffusers(it)
+        out.update(elementwise_vs_pytorch(it))
     print_json(out)
+
+
+def _ours_and_torch(fn, torch_fn, args, torch_args, iters: int) -> dict:
+    """ms per call of ``fn`` (jitted with the lab's options) and ``torch_fn`` in PyTorch
+    eager, forward and forward + backward of the sum of squares of the output."""
+    from diffax_lab import compilation
+
+    def loss(*a):
+        return jnp.sum(fn(*a) ** 2)
+
+    grad = jax.grad(loss, argnums=tuple(range(len(args))))
+    fwd = compilation.compile_with_options(jax.jit(fn).lower(*args))
+    bwd = compilation.compile_with_options(jax.jit(grad).lower(*args), training=True)
+    import torch
+
+    def torch_fwd():
+        with torch.no_grad():
+            return torch_fn(*torch_args)
+
+    def torch_fwd_bwd():
+        (torch_fn(*torch_args) ** 2).sum().backward()
+
+    return {
+        "lab_fwd": median_ms(fwd, *args, iters=iters),
+        "lab_fwd_bwd": median_ms(bwd, *args, iters=iters),
+        "torch_fwd": median_ms(torch_fwd, iters=iters),
+        "torch_fwd_bwd": median_ms(torch_fwd_bwd, iters=iters),
+    }
+
+
+def elementwise_vs_pytorch(iters: int) -> dict:
+    import torch
+
+    from diffax_lab.models import layers
+
+    if FLAGS.threads:
+        torch.set_num_threads(FLAGS.threads)
+    F = torch.nn.functional
+    key = jax.random.PRNGKey(0)
+    out = {}
+    x = jax.random.normal(key, (16, 32, 32, 48)) * 2 + 1
+    norm = layers.GroupNorm(8)
+    p = norm.init(key, x)
+    xt = torch.randn(16, 48, 32, 32, requires_grad=True)
+    w, b = torch.ones(48, requires_grad=True), torch.zeros(48, requires_grad=True)
+    out["group_norm_silu vs torch (16, 32, 32, 48)"] = _ours_and_torch(
+        lambda p, x: nn.silu(norm.apply(p, x)),
+        lambda x, w, b: F.silu(F.group_norm(x, 8, w, b, 1e-6)),
+        (p, x),
+        (xt, w, b),
+        iters,
+    )
+    a, c = jax.random.normal(key, (16, 32, 32, 32)), jax.random.normal(key, (16, 32, 32, 16))
+    at = torch.randn(16, 32, 32, 32, requires_grad=True)
+    ct = torch.randn(16, 16, 32, 32, requires_grad=True)
+    out["skip concatenation vs torch 32 + 16 channels at (16, 32, 32)"] = _ours_and_torch(
+        lambda a, c: jnp.concatenate([a, c], -1),
+        lambda a, c: torch.cat([a, c], 1),
+        (a, c),
+        (at, ct),
+        iters,
+    )
+    return out
+
+
+def attention_block_vs_diffusers(iters: int) -> dict:
+    """ms per call: ours (compiled with the lab's options) and diffusers' Attention."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    from diffax_lab import compilation
+    from diffax_lab.models import layers
+
+    if FLAGS.threads:
+        torch.set_num_threads(FLAGS.threads)
+    b, h, c = 16, 16, 32
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c))
+    block = layers.AttentionBlock(num_heads=1, num_groups=8)
+    params = jax.tree.map(lambda a: a + 0.01, block.init(jax.random.PRNGKey(1), x))
+
+    def loss(p, x):
+        return jnp.sum(block.apply(p, x) ** 2)
+
+    fwd = compilation.compile_with_options(jax.jit(block.apply).lower(params, x))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x)
+    grad = compilation.compile_with_options(grad, training=True)
+    theirs = Attention(
+        c, heads=1, dim_head=c, norm_num_groups=8, residual_connection=True, bias=True,
+        upcast_softmax=True, _from_deprecated_attn_block=True,
+    )  # fmt: skip
+    xt = torch.randn(b, c, h, h, requires_grad=True)
+
+    def torch_fwd():
+        with torch.no_grad():
+            return theirs(xt)
+
+    def torch_fwd_bwd():
+        (theirs(xt) ** 2).sum().backward()
+
+    return {
+        "lab_fwd": median_ms(fwd, params, x, iters=iters),
+        "lab_fwd_bwd": median_ms(grad, params, x, iters=iters),
+        "diffusers_fwd": median_ms(torch_fwd, iters=iters),
+        "diffusers_fwd_bwd": median_ms(torch_fwd_bwd, iters=iters),
+    }
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What each CPU lever of the lab is worth: train and forward images/s with one lever off.
 
     python -m benchmarks.cpu_levers --config=configs/ddpm.py:tiny [--forward_batch=64] \
-        [--iters=10] [--rounds=3] [--out=FILE]
+        [--iters=10] [--rounds=3] [--variants=all,dropout_jax_random] [--out=FILE]
 
 Variants, all built in this one process and timed alternately round by round (so that a
 shared machine's load falls on all alike):
@@ -13,10 +13,17 @@ shared machine's load falls on all alike):
   (``layers.ATTENTION_IMPL_BY_BACKEND``);
 - ``norm_autodiff``: GroupNorm's backward by autodiff instead of the hand-written one
   (``layers.NORM_BACKWARD_BY_BACKEND``);
-- ``none``: the three above together.
+- ``dropout_jax_random``: dropout masks from ``jax.random.bernoulli`` instead of the lab's
+  unrolled Threefry (the same masks; ``layers.DROPOUT_IMPL_BY_BACKEND``; only configs with
+  model.dropout > 0 differ);
+- ``conv_xla``: XLA's convolution for 1x1 convolutions too, instead of a dot
+  (``layers.CONV_IMPL_BY_BACKEND``);
+- ``none``: the five above together.
 
 The levers are read when a step is traced and compiled, so each variant's steps are
-compiled with its setting and then run unchanged.
+compiled with its setting and then run unchanged. ``--variants`` builds only those named:
+fewer compiled steps in memory and more rounds in the same time give a steadier A/B of one
+lever (seven variants at once varied by up to 20% between rounds on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -36,17 +43,28 @@ VARIANTS = {
     "no_fusion_options": {"fusions": False},
     "attention_jax_nn": {"attention": "xla"},
     "norm_autodiff": {"norm": "autodiff"},
-    "none": {"fusions": False, "attention": "xla", "norm": "autodiff"},
+    "dropout_jax_random": {"dropout": "jax"},
+    "conv_xla": {"conv": "xla"},
+    "none": {
+        "fusions": False,
+        "attention": "xla",
+        "norm": "autodiff",
+        "dropout": "jax",
+        "conv": "xla",
+    },
 }
 
 
 def define_flags():
     define_measurement_flags()
     flags.DEFINE_integer("rounds", 3, "Alternating rounds over the variants.")
+    flags.DEFINE_list("variants", list(VARIANTS), f"Variants to build, of {list(VARIANTS)}.")
     flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 
-def build(config, forward_batch: int, fusions=True, attention="lab", norm="lab"):
+def build(
+    config, forward_batch: int, fusions=True, attention="lab", norm="lab", dropout="lab", conv="lab"
+):
     """benchmarks.cpu_profile's ``Ours`` (a compiled train step and forward) with the levers
     set while it traces and compiles."""
     from benchmarks.cpu_profile import Ours
@@ -54,31 +72,39 @@ def build(config, forward_batch: int, fusions=True, attention="lab", norm="lab")
     from diffax_lab.models import layers
 
     backend = jax.default_backend()
-    saved = (
-        layers.ATTENTION_IMPL_BY_BACKEND.get(backend),
-        layers.NORM_BACKWARD_BY_BACKEND.get(backend),
-        os.environ.get(compilation.FUSIONS_ENV),
+    tables = (
+        (layers.ATTENTION_IMPL_BY_BACKEND, attention),
+        (layers.NORM_BACKWARD_BY_BACKEND, norm),
+        (layers.DROPOUT_IMPL_BY_BACKEND, dropout),
+        (layers.CONV_IMPL_BY_BACKEND, conv),
     )
-    layers.ATTENTION_IMPL_BY_BACKEND[backend] = attention
-    layers.NORM_BACKWARD_BY_BACKEND[backend] = norm
+    saved = [(table, table.get(backend)) for table, _ in tables]
+    saved_env = os.environ.get(compilation.FUSIONS_ENV)
+    for table, value in tables:
+        table[backend] = value
     if not fusions:
         os.environ[compilation.FUSIONS_ENV] = "off"
     try:
         return Ours(config, forward_batch)
     finally:
-        layers.ATTENTION_IMPL_BY_BACKEND[backend] = saved[0]
-        layers.NORM_BACKWARD_BY_BACKEND[backend] = saved[1]
-        if saved[2] is None:
+        for table, value in saved:
+            table[backend] = value
+        if saved_env is None:
             os.environ.pop(compilation.FUSIONS_ENV, None)
         else:
-            os.environ[compilation.FUSIONS_ENV] = saved[2]
+            os.environ[compilation.FUSIONS_ENV] = saved_env
 
 
 def main(argv):
     del argv
     from benchmarks.cpu_profile import timed
 
-    built = {name: build(FLAGS.config, FLAGS.forward_batch, **kw) for name, kw in VARIANTS.items()}
+    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}.")
+    built = {
+        name: build(FLAGS.config, FLAGS.forward_batch, **VARIANTS[name]) for name in FLAGS.variants
+    }
     rounds = []
     for _ in range(FLAGS.rounds):
         r = {}

@@ -94,7 +94,8 @@ def family(name: str, instrs, comps) -> str:
     opcode, op_name, calls = instrs.get(name, ("", "", ""))
     body = comps.get(calls, set()) | {opcode}
     path = op_name.lower()
-    if any(k in path for k in ("_uniform", "_bernoulli", "_normal", "_shuffle", "threefry")):
+    rng_ops = ("_uniform", "_bernoulli", "_normal", "_shuffle", "threefry", "dropout")
+    if any(k in path for k in rng_ops):
         return "rng"
     if "convolution" in body:
         return "conv"

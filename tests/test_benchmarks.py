@@ -93,23 +93,58 @@ def test_notebook_streams_render_as_a_terminal_shows_them():
     assert [o.get("text") for o in merged] == ["a\nb\n", "train: 3/3\ndone\n", None, "y\n"]
 
 
-def test_conv_cap_finds_every_convolution_and_runs_them_as_lax_does():
-    """benchmarks/conv_cap.py reads one convolution per 4-D kernel of the U-Net, and its
-    one-after-the-other program computes what lax computes on the same inputs."""
+def test_conv_cap_finds_every_convolution_and_runs_them_as_lax_does(monkeypatch):
+    """benchmarks/conv_cap.py reads one convolution per 4-D kernel of the U-Net (less the 1x1
+    ones that layers.Conv's "lab" runs as dots), and its one-after-the-other program
+    computes what lax computes on the same inputs."""
     from benchmarks.conv_cap import _lax_conv, network_convs, ours_program
+    from diffax_lab.models import layers
     from diffax_lab.models.unet import UNet
 
     model = UNet(out_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(4,), num_groups=4)  # fmt: skip
     x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,))
     params = model.init(jax.random.PRNGKey(0), x, t)["params"]
+    kernels = sorted(k.shape for k in jax.tree.leaves(params) if k.ndim == 4)
+    backend = jax.default_backend()
+    monkeypatch.setitem(layers.CONV_IMPL_BY_BACKEND, backend, "lab")
+    pointwise_as_dots = network_convs(model, params, x, t)
+    assert sorted(s["rhs"] for s in pointwise_as_dots) == [k for k in kernels if k[:2] != (1, 1)]
+    monkeypatch.setitem(layers.CONV_IMPL_BY_BACKEND, backend, "xla")
     specs = network_convs(model, params, x, t)
-    kernels = [k for k in jax.tree.leaves(params) if k.ndim == 4]
-    assert len(specs) == len(kernels)
-    assert sorted(s["rhs"] for s in specs) == sorted(k.shape for k in kernels)
+    assert sorted(s["rhs"] for s in specs) == kernels
+    assert any(k[:2] == (1, 1) for k in kernels)
     fn, args = ours_program(specs[:3], train=True)
     for spec, (inp, k, g), (y, dx, dk) in zip(specs[:3], args, fn(args), strict=True):
         y_ref, vjp = jax.vjp(_lax_conv(spec), inp, k)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
         for a, b in zip((dx, dk), vjp(g), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_cap_pieces_compute_what_pytorch_computes_on_the_same_numbers():
+    """--pieces times ours and PyTorch's forward, input and kernel gradients of one
+    convolution on the same inputs: their results agree (so the timings compare like
+    with like), the 3x3 and the strided, asymmetrically padded downsampling conv."""
+    import torch  # installed for the tests by .ci/setup
+
+    from benchmarks.conv_cap import network_convs, piece_programs
+    from diffax_lab.models.unet import UNet
+
+    model = UNet(out_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(), num_groups=4, downsample_padding=0)  # fmt: skip
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,))
+    params = model.init(jax.random.PRNGKey(0), x, t)["params"]
+    specs = network_convs(model, params, x, t)
+    strided = [s for s in specs if s["window_strides"] != (1, 1)]
+    assert strided and strided[0]["padding"] == ((0, 1), (0, 1))
+    for spec in (specs[1], strided[0]):
+        p = piece_programs(torch, spec)
+        lhs, rhs, out = spec["dimension_numbers"]
+        (pt, pb), (pl, pr) = spec["padding"]
+        back = lambda a, dims: np.asarray(a).transpose(np.argsort(dims))  # noqa: E731
+        np.testing.assert_allclose(back(p["torch_fwd"](), out), p["ours_fwd"](), atol=1e-4)
+        np.testing.assert_allclose(back(p["torch_dw"](), rhs), p["ours_dw"](), atol=1e-3)
+        dx = back(p["torch_dx"](), lhs)  # of the padded input: crop the padding
+        dx = dx[:, pt : dx.shape[1] - pb, pl : dx.shape[2] - pr]
+        np.testing.assert_allclose(dx, p["ours_dx"](), atol=1e-4)

@@ -18,9 +18,25 @@ from diffax_lab.models.layers import Conv
     ],
 )
 def test_im2col_matches_nn_conv(kwargs):
+    _matches_nn_conv(kwargs, "im2col")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(features=5, kernel_size=(1, 1)),  # the ResBlock's skip projection
+        dict(features=4, kernel_size=(1, 1), padding="VALID", use_bias=False),
+        dict(features=3, kernel_size=(1, 1), padding=((0, 0), (0, 0))),  # the VAE's form
+    ],
+)
+def test_lab_pointwise_dot_matches_nn_conv(kwargs):
+    _matches_nn_conv(kwargs, "lab")
+
+
+def _matches_nn_conv(kwargs, impl):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
     ref = nn.Conv(**kwargs)
-    ours = Conv(impl="im2col", **kwargs)
+    ours = Conv(impl=impl, **kwargs)
     params = ref.init(jax.random.PRNGKey(1), x)
     ours_params = ours.init(jax.random.PRNGKey(1), x)
     assert jax.tree.structure(params) == jax.tree.structure(ours_params)
@@ -54,3 +70,31 @@ def test_auto_uses_the_backend_table(monkeypatch):
     assert "conv_general_dilated" in str(jax.make_jaxpr(lambda p: m.apply(p, x))(params))
     with pytest.raises(ValueError, match="impl"):
         Conv(features=2, kernel_size=(3, 3), impl="winograd").init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, dot",
+    [
+        (dict(kernel_size=(1, 1)), True),
+        (dict(kernel_size=(3, 3)), False),  # "lab" keeps XLA's convolution beyond 1x1
+        (dict(kernel_size=(1, 1), strides=(2, 2)), False),
+        (dict(kernel_size=(1, 1), padding=((1, 1), (0, 0))), False),
+    ],
+)
+def test_lab_runs_only_unpadded_stride_1_pointwise_convs_as_a_dot(kwargs, dot):
+    x = jnp.ones((1, 4, 4, 2))
+    m = Conv(features=3, impl="lab", **kwargs)
+    params = m.init(jax.random.PRNGKey(0), x)
+    jaxpr = str(jax.make_jaxpr(lambda p: m.apply(p, x))(params))
+    assert ("conv_general_dilated" not in jaxpr) == dot
+    np.testing.assert_allclose(
+        m.apply(params, x), nn.Conv(features=3, **kwargs).apply(params, x), rtol=1e-6
+    )
+
+
+def test_bf16_pointwise_dot_keeps_nn_conv_dtype():
+    x = jnp.ones((1, 4, 4, 2))
+    ref, ours = (c(features=3, kernel_size=(1, 1), dtype=jnp.bfloat16) for c in (nn.Conv, Conv))
+    params = ref.init(jax.random.PRNGKey(0), x)
+    assert Conv(3, (1, 1), dtype=jnp.bfloat16, impl="lab").apply(params, x).dtype == jnp.bfloat16
+    assert ours.apply(params, x).dtype == ref.apply(params, x).dtype

@@ -13,7 +13,7 @@ import pytest
 
 from diffax_lab import api
 from diffax_lab.errors import ConfigError
-from diffax_lab.models import build_unet
+from diffax_lab.models import build_unet, layers
 from diffax_lab.models.diffusers_config import DiffusersFormatError, lab_to_unet_config
 from diffax_lab.models.layers import ACTIVATIONS, GroupNorm, ResBlock
 from diffax_lab.models.unet import UNet
@@ -105,7 +105,10 @@ def _paths(params):
     return sorted(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
-def test_resblock_defaults_match_the_pre_switch_block():
+def test_resblock_defaults_match_the_pre_switch_block(monkeypatch):
+    # Bit-equal programs need the old block's convolution everywhere; the CPU's 1x1-as-a-dot
+    # ("lab") is compared with nn.Conv in tests/test_conv_impl.py.
+    monkeypatch.setitem(layers.CONV_IMPL_BY_BACKEND, jax.default_backend(), "xla")
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 4))
     emb = jax.random.normal(jax.random.PRNGKey(4), (2, 16))
     new, old = ResBlock(8, num_groups=4), OldResBlock(8, num_groups=4)
@@ -117,6 +120,14 @@ def test_resblock_defaults_match_the_pre_switch_block():
     out_new = jax.jit(lambda p: new.apply(p, x, emb, train=False))(p)
     out_old = jax.jit(lambda p: old.apply(p, x, emb, train=False))(p)
     assert np.array_equal(np.asarray(out_new), np.asarray(out_old))
+    # Training: layers.Dropout draws nn.Dropout's keys and masks, so runs carry over.
+    new, old = (B(8, num_groups=4, dropout=0.5) for B in (ResBlock, OldResBlock))
+    rngs = {"dropout": jax.random.key(5)}
+    out_new = jax.jit(lambda p: new.apply(p, x, emb, train=True, rngs=rngs))(p)
+    out_old = jax.jit(lambda p: old.apply(p, x, emb, train=True, rngs=rngs))(p)
+    out_eval = jax.jit(lambda p: new.apply(p, x, emb, train=False))(p)
+    assert np.array_equal(np.asarray(out_new), np.asarray(out_old))
+    assert not np.allclose(np.asarray(out_new), np.asarray(out_eval))
 
 
 def test_unet_defaults_equal_the_explicit_defaults_and_the_config_without_the_fields():

@@ -82,9 +82,11 @@ def space_to_depth(x, factor: int = 2):
 
 # Convolution implementation per backend, read at trace time by ``Conv(impl="auto")``.
 # im2col + dot measured 1.2-8x SLOWER than XLA's convolution on XLA:CPU (jaxlib 0.10, the
-# tiny/cpu configs' shapes, fwd and fwd+bwd; docs/BENCHMARKS.md "Speed and scale"), so every
-# backend keeps XLA's convolution until a measurement says otherwise.
-CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+# tiny/cpu configs' shapes, fwd and fwd+bwd; docs/BENCHMARKS.md "Speed and scale"). "lab"
+# runs 1x1 convolutions as one dot and keeps XLA's for the rest: XLA:CPU computes a 1x1
+# kernel gradient as a convolution with an image-sized window, up to 3.7x slower than the
+# dot (benchmarks/conv_cap.py --pieces, docs/BENCHMARKS.md). GPUs and TPUs keep XLA's.
+CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": "xla"}
 
 
 # Attention implementation per backend, read at trace time by ``dot_product_attention``.
@@ -96,6 +98,12 @@ ATTENTION_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": 
 # GroupNorm's hand-written backward (``_group_norm_bwd``) per backend: on the CPU it made
 # train steps 2-9% faster; elsewhere autodiff of the same formulation runs.
 NORM_BACKWARD_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "autodiff", "tpu": "autodiff"}
+
+# Dropout masks per backend. "lab" computes jax.random.bernoulli's mask bit for bit from an
+# unrolled Threefry-2x32 that XLA fuses into the masking (``_threefry2x32``); on XLA:CPU JAX
+# lowers Threefry as a rolled while loop that writes its state to memory every round, 4-7x
+# slower (benchmarks/cpu_layers.py). GPUs and TPUs already get an unrolled or native lowering.
+DROPOUT_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "jax", "tpu": "jax"}
 
 # The hand-written backwards are custom_vjp rules: reverse mode only (jax.grad, jax.vjp).
 # Code that needs forward mode through the network (jax.jvp, jax.linearize, jacfwd: JVP
@@ -265,8 +273,9 @@ class Conv(nn.Conv):
     """``nn.Conv`` with a backend-selected implementation and nn.Conv's parameter tree.
 
     ``impl``: "xla" (lax.conv_general_dilated, nn.Conv itself), "im2col" (patches @ kernel,
-    2-D, ungrouped, undilated convolutions only; the rest fall back to "xla"), or "auto"
-    (``CONV_IMPL_BY_BACKEND[jax.default_backend()]`` at trace time). The parameters
+    2-D, ungrouped, undilated convolutions only; the rest fall back to "xla"), "lab" (1x1
+    convolutions with stride 1 and no padding as [N, in] @ [in, out], the rest "xla"), or
+    "auto" (``CONV_IMPL_BY_BACKEND[jax.default_backend()]`` at trace time). The parameters
     (``kernel`` [kh, kw, in, out], ``bias`` [out]) and their initial values are nn.Conv's,
     so checkpoints and the diffusers weight mapping do not see the difference.
     """
@@ -278,19 +287,30 @@ class Conv(nn.Conv):
         impl = self.impl
         if impl == "auto":
             impl = CONV_IMPL_BY_BACKEND.get(jax.default_backend(), "xla")
-        if impl not in ("xla", "im2col"):
-            raise ValueError(f"Conv impl must be 'auto', 'xla' or 'im2col', got {self.impl!r}.")
+        if impl not in ("xla", "im2col", "lab"):
+            raise ValueError(
+                f"Conv impl must be 'auto', 'xla', 'im2col' or 'lab', got {self.impl!r}."
+            )
         ks = tuple(self.kernel_size)
         simple = (
             len(ks) == 2
             and inputs.ndim == 4
             and self.feature_group_count == 1
             and self.mask is None
+            and self.conv_general_dilated is None  # a user's own convolution: theirs runs
+            and self.conv_general_dilated_cls is None
             and all(d in (None, 1) for d in _pair(self.input_dilation))
             and all(d in (None, 1) for d in _pair(self.kernel_dilation))
             and not (isinstance(self.padding, str) and self.padding not in ("SAME", "VALID"))
         )
-        if impl == "xla" or not simple:
+        strides = _pair(self.strides) if self.strides is not None else (1, 1)
+        pointwise = (
+            simple
+            and ks == (1, 1)
+            and strides == (1, 1)
+            and (isinstance(self.padding, str) or _zero_padding(self.padding))
+        )
+        if impl == "xla" or not simple or (impl == "lab" and not pointwise):
             return super().__call__(inputs)
         cin = inputs.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (*ks, cin, self.features), self.param_dtype)
@@ -299,14 +319,23 @@ class Conv(nn.Conv):
             if self.use_bias
             else None
         )
-        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        strides = _pair(self.strides) if self.strides is not None else (1, 1)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if impl == "lab":  # 1x1: a dot over the channels
+            flat = inputs.reshape(-1, cin)
+            y = jnp.dot(flat, kernel.reshape(cin, self.features), precision=self.precision)
+            y = y.reshape(*inputs.shape[:-1], self.features)
+            return y if bias is None else y + bias
         if isinstance(self.padding, str):
             pads = jax.lax.padtype_to_pads(inputs.shape[1:3], ks, strides, self.padding)
         else:
             pads = nn.linear.canonicalize_padding(self.padding, 2)
         y = _im2col_conv(inputs, kernel, strides, tuple(tuple(p) for p in pads))
         return y if bias is None else y + bias
+
+
+def _zero_padding(padding) -> bool:
+    pads = nn.linear.canonicalize_padding(padding, 2)
+    return all(int(a) == 0 for pair in pads for a in pair)
 
 
 def _pair(v):
@@ -465,7 +494,7 @@ class Downsample(nn.Module):
             if self.padding not in (0, 1):
                 raise ValueError(f"model.downsample_padding must be 0 or 1, got {self.padding}.")
             pad = (1, 1) if self.padding == 1 else (0, 1)
-            return nn.Conv(
+            return Conv(
                 self.features,
                 (3, 3),
                 strides=(2, 2),
@@ -479,11 +508,11 @@ class Downsample(nn.Module):
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         elif self.kind == "rearrange":
             # Rearrange pooling: nothing is thrown away; the conv learns the reduction.
-            return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(space_to_depth(x))
+            return Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(space_to_depth(x))
         else:
             raise ValueError(f"model.downsample must be one of {DOWNSAMPLES}, got {self.kind!r}.")
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="proj")(x)
+            x = Conv(self.features, (1, 1), dtype=self.dtype, name="proj")(x)
         return x
 
 
@@ -531,7 +560,92 @@ class Upsample(nn.Module):
             x = nearest_2x(x)
         else:
             x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=self.kind)
-        return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
+        return Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
+
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011, Random123), unrolled: the hash
+    behind JAX's default PRNG (``jax.random.bits`` equals it bit for bit; tested)."""
+
+    def rotl(x, d):
+        return (x << jnp.uint32(d)) | (x >> jnp.uint32(32 - d))
+
+    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = rotl(x2, r) ^ x1
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x1, x2
+
+
+def _threefry_key_data(rng):
+    """The two uint32 words of a Threefry key (typed or raw), or None for another PRNG."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if str(jax.random.key_impl(rng)) != "threefry2x32":
+            return None
+        return jax.random.key_data(rng)
+    if str(jax.config.jax_default_prng_impl) != "threefry2x32" or rng.shape != (2,):
+        return None
+    return rng
+
+
+def bernoulli(rng, p: float, shape, impl: str = "auto"):
+    """``jax.random.bernoulli(rng, p, shape)`` (a bool mask), the same bits on every impl.
+
+    impl: "jax" (jax.random's), "lab" (an unrolled Threefry that XLA fuses with the code
+    around it; ``DROPOUT_IMPL_BY_BACKEND``), or "auto" (by backend, at trace time). "lab"
+    falls back to jax.random where its bits would differ: another PRNG implementation, p not
+    float32, ``jax_threefry_partitionable`` off, 64-bit floats, or 2^32 or more values.
+    """
+    if impl == "auto":
+        impl = DROPOUT_IMPL_BY_BACKEND.get(jax.default_backend(), "jax")
+    if impl not in ("jax", "lab"):
+        raise ValueError(f"bernoulli impl must be 'auto', 'jax' or 'lab', got {impl!r}.")
+    shape = tuple(shape)
+    key = _threefry_key_data(rng) if impl == "lab" else None
+    if (
+        key is None
+        or jnp.result_type(p) != jnp.float32  # jax.random draws in p's dtype
+        or not jax.config.jax_threefry_partitionable
+        or jax.config.jax_enable_x64
+        or math.prod(shape) >= 2**32
+    ):
+        return jax.random.bernoulli(rng, p, shape)
+    # jax.random.bits: the hash of the 64-bit counter (hi, lo) of each element, words xor-ed;
+    # jax.random.uniform: 23 high bits as a float32 mantissa in [1, 2), minus 1.
+    count = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    b1, b2 = _threefry2x32(key[0], key[1], jnp.zeros_like(count), count)
+    bits = ((b1 ^ b2) >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - 1.0 < p
+
+
+class Dropout(nn.Dropout):
+    """``flax.linen.Dropout`` with its mask from ``bernoulli`` (the same mask, bit for bit,
+    faster on the CPU). The class keeps Flax's name, so auto-named instances (``Dropout_0``)
+    draw the same keys from ``make_rng`` as nn.Dropout did: runs and checkpoints carry over."""
+
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:  # no 0/0 in the gradient
+            return jnp.zeros_like(inputs)
+        keep = 1.0 - self.rate
+        if rng is None:
+            rng = self.make_rng(self.rng_collection)
+        shared = {d % inputs.ndim for d in self.broadcast_dims}
+        shape = [1 if d in shared else n for d, n in enumerate(inputs.shape)]
+        mask = jnp.broadcast_to(bernoulli(rng, keep, shape, self.impl), inputs.shape)
+        return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
 
 
 class ResBlock(nn.Module):
@@ -558,7 +672,7 @@ class ResBlock(nn.Module):
         if not isinstance(self.residual, bool):
             raise ValueError(f"model.residual must be True or False, got {self.residual!r}.")
         h = act(make_norm(self.norm, self.num_groups, self.dtype, self.norm_eps, "norm1")(x))
-        h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
+        h = Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
         if emb is not None:
             h = (
                 h
@@ -567,15 +681,15 @@ class ResBlock(nn.Module):
                 ]
             )
         h = act(make_norm(self.norm, self.num_groups, self.dtype, self.norm_eps, "norm2")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Dropout(self.dropout, deterministic=not train)(h)
         if not self.residual:
-            return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
+            return Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
         # Zero-initialised last conv: each block starts as the identity (improved-diffusion).
-        h = nn.Conv(
+        h = Conv(
             self.features, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2"
         )(h)
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
+            x = Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
         return x + h
 
 

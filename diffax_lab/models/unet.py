@@ -39,6 +39,7 @@ from diffax_lab.models.layers import (
     ACTIVATIONS,
     NORMS,
     AttentionBlock,
+    Conv,
     Downsample,
     ResBlock,
     Upsample,
@@ -212,7 +213,7 @@ class UNet(nn.Module):
         def has_attention(level, size):
             return level in self.attention_levels or size in self.attention_resolutions
 
-        hs = [nn.Conv(self.base_channels, (3, 3), dtype=dt, name="conv_in")(x.astype(dt))]
+        hs = [Conv(self.base_channels, (3, 3), dtype=dt, name="conv_in")(x.astype(dt))]
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
                 hcur = res(self.base_channels * mult, f"down{level}_res{i}")(
@@ -257,7 +258,7 @@ class UNet(nn.Module):
         assert not hs
 
         hcur = outer_act(make_norm(self.norm, self.num_groups, dt, self.norm_eps, "norm_out")(hcur))
-        out = nn.Conv(
+        out = Conv(
             self.out_channels, (3, 3), dtype=dt, kernel_init=nn.initializers.zeros, name="conv_out"
         )(hcur)
         return out.astype(jnp.float32)

@@ -38,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffax_lab.models.layers import Conv
+
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
 UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
 ACT_FNS = ("silu", "swish")  # the same function under diffusers' two names
@@ -192,7 +194,7 @@ class GroupNorm32(nn.Module):
 
 def _conv(features, kernel, dtype, name, stride=1, padding=None):
     pad = kernel // 2 if padding is None else padding
-    return nn.Conv(
+    return Conv(  # layers.Conv: nn.Conv's parameters; 1x1 as a dot on the CPU
         features,
         (kernel, kernel),
         strides=(stride, stride),

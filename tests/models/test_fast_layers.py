@@ -1,6 +1,7 @@
-"""The CPU-fast arrangements of GroupNorm, attention and nearest upsampling compute what
-Flax's nn.GroupNorm, jax.nn.dot_product_attention and jax.image.resize compute: values and
-gradients (their hand-written backwards included), masks, dtypes and parameter trees."""
+"""The CPU-fast arrangements of GroupNorm, attention, nearest upsampling and dropout compute
+what Flax's nn.GroupNorm, jax.nn.dot_product_attention, jax.image.resize and nn.Dropout
+compute: values and gradients (their hand-written backwards included), masks bit for bit,
+dtypes and parameter trees."""
 
 import flax.linen as nn
 import jax
@@ -192,3 +193,73 @@ def test_group_norm_backward_table(monkeypatch):
     monkeypatch.setitem(layers.NORM_BACKWARD_BY_BACKEND, backend, "fused")
     with pytest.raises(ValueError, match="'lab' or 'autodiff'"):
         norm.apply(params, x)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 9, 9, 16)])
+def test_threefry_is_jax_random_bits(shape):
+    """The unrolled hash of the lab's dropout is JAX's default PRNG, bit for bit."""
+    key = jax.random.fold_in(jax.random.key(3), 11)
+    k = jax.random.key_data(key)
+    count = jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape)
+    b1, b2 = jax.jit(layers._threefry2x32)(k[0], k[1], jnp.zeros_like(count), count)
+    np.testing.assert_array_equal(b1 ^ b2, jax.random.bits(key, shape))
+
+
+@pytest.mark.parametrize("broadcast_dims", [(), (1, 2), (-1,)])
+@pytest.mark.parametrize("typed_key", [True, False])
+def test_lab_dropout_is_flax_dropout_bit_for_bit(broadcast_dims, typed_key):
+    x = _rand(0, (4, 8, 8, 16))
+    key = jax.random.key(1) if typed_key else jax.random.PRNGKey(1)
+    rngs = {"dropout": key}
+    ref = nn.Dropout(0.1, broadcast_dims=broadcast_dims).apply({}, x, False, rngs=rngs)
+    assert 0.02 < float(jnp.mean(ref == 0)) < 0.3  # a mask was applied
+    for impl in ("lab", "jax"):
+        drop = layers.Dropout(0.1, broadcast_dims=broadcast_dims, impl=impl)
+        out = jax.jit(lambda x, d=drop: d.apply({}, x, False, rngs=rngs))(x)
+        np.testing.assert_array_equal(out, ref)
+    assert layers.Dropout(0.1).apply({}, x, True) is x
+    np.testing.assert_array_equal(layers.Dropout(1.0).apply({}, x, False, rngs=rngs), 0 * x)
+
+
+def test_lab_bernoulli_has_no_loop_and_falls_back_for_other_prngs():
+    """The point of "lab": no rolled while loop (JAX's Threefry lowering on the CPU); keys of
+    another PRNG implementation get jax.random.bernoulli's own draw."""
+    key = jax.random.key(2)
+    jaxpr = str(jax.make_jaxpr(lambda k: layers.bernoulli(k, 0.9, (4, 5), "lab"))(key))
+    assert "while" not in jaxpr and "threefry2x32" not in jaxpr
+    rbg = jax.random.key(2, impl="rbg")
+    np.testing.assert_array_equal(
+        layers.bernoulli(rbg, 0.9, (4, 5), "lab"), jax.random.bernoulli(rbg, 0.9, (4, 5))
+    )
+    with jax.threefry_partitionable(False):  # JAX's other counter layout: its own draw
+        np.testing.assert_array_equal(
+            layers.bernoulli(key, 0.5, (64,), "lab"), jax.random.bernoulli(key, 0.5, (64,))
+        )
+    with pytest.raises(ValueError, match="bernoulli impl"):
+        layers.bernoulli(key, 0.9, (4,), "philox")
+
+
+def test_unet_train_pass_with_dropout_is_unchanged_by_the_lab_mask(monkeypatch):
+    """Same module names, same make_rng keys, same masks: a U-Net train step's loss and
+    gradients are identical under either impl (runs and checkpoints carry over)."""
+    from diffax_lab.models.unet import UNet
+
+    model = UNet(
+        out_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(), num_groups=4, dropout=0.3,
+    )  # fmt: skip
+    x, t = _rand(0, (2, 8, 8, 1)), jnp.array([0.3, 0.7])
+    params = model.init(jax.random.PRNGKey(0), x, t)
+    params = jax.tree.map(lambda a: a + 0.05 * _rand(1, a.shape), params)
+
+    def loss(p):
+        y = model.apply(p, x, t, train=True, rngs={"dropout": jax.random.key(4)})
+        return jnp.sum(y**2)
+
+    results = {}
+    for impl in ("lab", "jax"):
+        monkeypatch.setitem(layers.DROPOUT_IMPL_BY_BACKEND, jax.default_backend(), impl)
+        results[impl] = jax.jit(jax.value_and_grad(loss))(params)
+    jax.tree.map(np.testing.assert_array_equal, results["lab"], results["jax"])
+    eval_loss = jnp.sum(model.apply(params, x, t) ** 2)
+    assert not np.isclose(float(results["lab"][0]), float(eval_loss))  # dropout was on
