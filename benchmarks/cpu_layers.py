@@ -179,11 +179,10 @@ def elementwise_vs_pytorch(iters: int) -> dict:
 
 
 def attention_block_vs_diffusers(iters: int) -> dict:
-    """ms per call: ours (compiled with the lab's options) and diffusers' Attention."""
+    """ms per call: ``layers.AttentionBlock`` and diffusers' ``Attention`` (torch_*)."""
     import torch
     from diffusers.models.attention_processor import Attention
 
-    from diffax_lab import compilation
     from diffax_lab.models import layers
 
     if FLAGS.threads:
@@ -192,32 +191,12 @@ def attention_block_vs_diffusers(iters: int) -> dict:
     x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c))
     block = layers.AttentionBlock(num_heads=1, num_groups=8)
     params = jax.tree.map(lambda a: a + 0.01, block.init(jax.random.PRNGKey(1), x))
-
-    def loss(p, x):
-        return jnp.sum(block.apply(p, x) ** 2)
-
-    fwd = compilation.compile_with_options(jax.jit(block.apply).lower(params, x))
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x)
-    grad = compilation.compile_with_options(grad, training=True)
     theirs = Attention(
         c, heads=1, dim_head=c, norm_num_groups=8, residual_connection=True, bias=True,
         upcast_softmax=True, _from_deprecated_attn_block=True,
     )  # fmt: skip
     xt = torch.randn(b, c, h, h, requires_grad=True)
-
-    def torch_fwd():
-        with torch.no_grad():
-            return theirs(xt)
-
-    def torch_fwd_bwd():
-        (theirs(xt) ** 2).sum().backward()
-
-    return {
-        "lab_fwd": median_ms(fwd, params, x, iters=iters),
-        "lab_fwd_bwd": median_ms(grad, params, x, iters=iters),
-        "diffusers_fwd": median_ms(torch_fwd, iters=iters),
-        "diffusers_fwd_bwd": median_ms(torch_fwd_bwd, iters=iters),
-    }
+    return _ours_and_torch(block.apply, theirs, (params, x), (xt,), iters)
 
 
 if __name__ == "__main__":
