@@ -202,7 +202,7 @@ def pieces(torch, specs, rounds: int, iters: int) -> dict:
 
     distinct = {}
     for s in specs:
-        key = json.dumps({k: v for k, v in s.items() if k != "dimension_numbers"}, default=str)
+        key = json.dumps(s, default=str, sort_keys=True)
         distinct.setdefault(key, [s, 0])[1] += 1
     table = []
     for spec, count in distinct.values():

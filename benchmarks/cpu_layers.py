@@ -38,7 +38,9 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_integer("iters", 30, "Timed calls after warm-up.")
-    flags.DEFINE_bool("peer", True, "Also time an attention block against diffusers'.")
+    flags.DEFINE_bool(
+        "peer", True, "Also time an attention block, GroupNorm + SiLU and a concat in PyTorch."
+    )
     flags.DEFINE_integer("threads", 2, "torch.set_num_threads for --peer (0 = torch's default).")
 
 
@@ -110,6 +112,10 @@ def main(argv):
             "batch_indices": median_ms(batch, key, 5, n, 32, iters=it),
         }
     if FLAGS.peer:
+        import torch
+
+        if FLAGS.threads:
+            torch.set_num_threads(FLAGS.threads)
         out["attention_block (16, 16, 16, 32), 1 head"] = attention_block_vs_diffusers(it)
         out.update(elementwise_vs_pytorch(it))
     print_json(out)
@@ -148,8 +154,6 @@ def elementwise_vs_pytorch(iters: int) -> dict:
 
     from diffax_lab.models import layers
 
-    if FLAGS.threads:
-        torch.set_num_threads(FLAGS.threads)
     F = torch.nn.functional
     key = jax.random.PRNGKey(0)
     out = {}
@@ -185,8 +189,6 @@ def attention_block_vs_diffusers(iters: int) -> dict:
 
     from diffax_lab.models import layers
 
-    if FLAGS.threads:
-        torch.set_num_threads(FLAGS.threads)
     b, h, c = 16, 16, 32
     x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c))
     block = layers.AttentionBlock(num_heads=1, num_groups=8)
