@@ -4,6 +4,7 @@ the same forward batch and iteration count unless told otherwise. Also the one w
 benchmark reports its JSON result (``print_json``)."""
 
 import json
+import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -25,3 +26,24 @@ def print_json(result: dict, out: str = "", indent: int = 1) -> None:
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+def define_runtime_flag():
+    flags.DEFINE_bool(
+        "lab_cpu_runtime",
+        True,
+        "Run XLA:CPU as the lab's entry points do (compilation.configure_cpu_runtime: "
+        "programs on the calling thread, freed memory kept in the process); "
+        "--nolab_cpu_runtime keeps JAX's and glibc's defaults. A process-wide setting: "
+        "a PyTorch peer in the same process runs under it too.",
+    )
+
+
+def configure_runtime() -> dict:
+    """``--lab_cpu_runtime`` carried out; call first in ``main``, before anything runs on
+    JAX. Returns what was set, for the benchmark's JSON."""
+    from diffax_lab import compilation
+
+    if not flags.FLAGS.lab_cpu_runtime:
+        os.environ[compilation.RUNTIME_ENV] = "off"
+    return compilation.configure_cpu_runtime()

@@ -34,7 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags, print_json
+from benchmarks.common_flags import (
+    configure_runtime,
+    define_measurement_flags,
+    define_runtime_flag,
+    print_json,
+)
 from benchmarks.flops import sub_jaxprs
 from diffax_lab import compilation
 
@@ -43,6 +48,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     define_measurement_flags()
+    define_runtime_flag()
     flags.DEFINE_integer("rounds", 3, "Alternating rounds of ours and PyTorch.")
     flags.DEFINE_integer("threads", 2, "torch.set_num_threads (0 = torch's default).")
     flags.DEFINE_bool("pieces", False, "Also time forward / input grad / kernel grad apart.")
@@ -224,6 +230,7 @@ def pieces(torch, specs, rounds: int, iters: int) -> dict:
 
 def main(argv):
     del argv
+    runtime = configure_runtime()
     import torch
 
     from benchmarks.cpu_profile import Peer, timed
@@ -265,6 +272,7 @@ def main(argv):
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_runtime": runtime,
         "rounds": rounds,
     }
     for key in rounds[0]:

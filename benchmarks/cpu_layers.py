@@ -31,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import print_json
+from benchmarks.common_flags import configure_runtime, define_runtime_flag, print_json
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
+    define_runtime_flag()
     flags.DEFINE_integer("iters", 30, "Timed calls after warm-up.")
     flags.DEFINE_bool(
         "peer", True, "Also time an attention block, GroupNorm + SiLU and a concat in PyTorch."
@@ -56,12 +57,13 @@ def median_ms(fn, *args, iters: int) -> float:
 
 def main(argv):
     del argv
+    runtime = configure_runtime()
     from diffax_lab.data import pipeline
     from diffax_lab.models import layers
 
     it = FLAGS.iters
     key = jax.random.PRNGKey(0)
-    out = {"jax": jax.__version__, "backend": jax.default_backend()}
+    out = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_runtime": runtime}
     for shape in [(16, 32, 32, 16), (32, 28, 28, 32), (256, 32, 32, 16)]:
         x = jax.random.normal(key, shape) * 2 + 1
         row = {}

@@ -35,7 +35,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags, print_json
+from benchmarks.common_flags import (
+    configure_runtime,
+    define_measurement_flags,
+    define_runtime_flag,
+    print_json,
+)
 
 FLAGS = flags.FLAGS
 VARIANTS = {
@@ -57,6 +62,7 @@ VARIANTS = {
 
 def define_flags():
     define_measurement_flags()
+    define_runtime_flag()
     flags.DEFINE_integer("rounds", 3, "Alternating rounds over the variants.")
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to build, of {list(VARIANTS)}.")
     flags.DEFINE_string("out", "", "Also write the JSON here.")
@@ -97,6 +103,7 @@ def build(
 
 def main(argv):
     del argv
+    runtime = configure_runtime()
     from benchmarks.cpu_profile import timed
 
     unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
@@ -118,6 +125,7 @@ def main(argv):
         "forward_batch": FLAGS.forward_batch,
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_runtime": runtime,
         "median": {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]},
         "rounds": rounds,
     }

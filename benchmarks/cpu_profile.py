@@ -24,11 +24,13 @@ machine's load falls on both alike; images/s of each round are printed with the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import json
 import os
 import re
+import resource
 import tempfile
 import time
 
@@ -37,7 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags, print_json
+from benchmarks.common_flags import (
+    configure_runtime,
+    define_measurement_flags,
+    define_runtime_flag,
+    print_json,
+)
 from diffax_lab import compilation, sharding
 from diffax_lab.tasks import registry
 
@@ -57,6 +64,7 @@ FAMILIES = (
 
 def define_flags():
     define_measurement_flags()
+    define_runtime_flag()
     flags.DEFINE_integer("rounds", 2, "Alternating rounds of ours and the peer.")
     flags.DEFINE_bool("peer", True, "Also profile the PyTorch peer (torch + diffusers).")
     flags.DEFINE_bool(
@@ -159,6 +167,15 @@ def timed(fn, iters):
         out = fn()
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / iters
+
+
+@contextlib.contextmanager
+def page_faults(record: dict, key: str, calls: int):
+    """Stores in ``record[key]`` the process's minor page faults per call over the block
+    (``calls`` calls): pages the kernel had to map, and zero, for the process."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    yield
+    record[key] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 class Ours:
@@ -280,6 +297,7 @@ class Peer:
 
 def main(argv):
     del argv
+    runtime = configure_runtime()
     config = FLAGS.config
     iters = FLAGS.iters
     cache = compilation.enable_persistent_cache()  # the default dir; 'off' via the env var
@@ -287,12 +305,13 @@ def main(argv):
     peer = Peer(config, FLAGS.forward_batch) if FLAGS.peer else None
     rounds = []
     for _ in range(FLAGS.rounds):  # alternate, so that the machine's load hits both alike
-        r = {
-            "ours_train": ours.B / timed(ours.train, iters),
-            "ours_forward": ours.Bf / timed(ours.forward, iters),
-        }
+        r = {}
+        with page_faults(r, "ours_train_faults", iters + 1):
+            r["ours_train"] = ours.B / timed(ours.train, iters)
+        r["ours_forward"] = ours.Bf / timed(ours.forward, iters)
         if peer:
-            r["torch_train"] = peer.B / timed(peer.train, iters)
+            with page_faults(r, "torch_train_faults", iters + 1):
+                r["torch_train"] = peer.B / timed(peer.train, iters)
             r["torch_forward"] = peer.Bf / timed(peer.forward, iters)
             r["ratio_train"] = r["ours_train"] / r["torch_train"]
             r["ratio_forward"] = r["ours_forward"] / r["torch_forward"]
@@ -307,6 +326,7 @@ def main(argv):
         "rounds": rounds,
         "train_compile_s": ours.train_compile_s,
         "compilation_cache": cache,
+        "cpu_runtime": runtime,
     }
     if peer:
         for key in ("train", "forward"):

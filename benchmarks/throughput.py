@@ -20,7 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags, print_json
+from benchmarks.common_flags import (
+    configure_runtime,
+    define_measurement_flags,
+    define_runtime_flag,
+    print_json,
+)
 from benchmarks.flops import count_flops
 from diffax_lab import compilation, sharding
 from diffax_lab.diffusion import samplers
@@ -33,6 +38,7 @@ def define_flags():
     """Defines this script's flags; called only when it runs as a script, so that
     importing it (tests, notebooks, other benchmarks) defines no global flags."""
     define_measurement_flags()
+    define_runtime_flag()
     flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the sampling-loop measurement.")
     flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0 = not reported).")
     flags.DEFINE_string("out", "", "Also write the JSON here.")
@@ -159,6 +165,7 @@ def measure(
 
 def main(argv):
     del argv
+    runtime = configure_runtime()
     result = measure(
         FLAGS.config,
         forward_batch=FLAGS.forward_batch,
@@ -166,6 +173,7 @@ def main(argv):
         sample_steps=FLAGS.sample_steps,
         peak_tflops=FLAGS.peak_tflops,
     )
+    result["cpu_runtime"] = runtime
     print_json(result, FLAGS.out, indent=2)
 
 

@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 compilation.enable_persistent_cache()
+compilation.configure_cpu_runtime()  # before the first program runs
 
 
 # ----- configs -----

@@ -1,4 +1,5 @@
-"""JAX's persistent compilation cache, on by default for the lab's entry points.
+"""JAX's persistent compilation cache, on by default for the lab's entry points; the compile
+options of CPU programs; and how XLA:CPU runs them (``configure_cpu_runtime``, at the end).
 
 A compiled step is written to disk keyed by its HLO, the compile options, the backend and
 the jax/jaxlib versions, so a second run of the same config (same shapes) loads it instead
@@ -213,3 +214,102 @@ class Reusing:
             lowered = self._jitted.lower(*args, **kwargs, **static)
             compiled = self._by_signature[sig] = compile_lowered(lowered, self._devices)
         return compiled(*args, **kwargs)
+
+
+# ----- how XLA:CPU runs the programs: memory and dispatch -----
+# XLA:CPU gives each execution of a program one "preallocated temp" buffer for all its
+# intermediate values, allocated when the execution starts and freed when it ends: 102 MB
+# for the tiny U-Net's train step. glibc serves an allocation that large with a fresh mmap
+# (above its mmap threshold, and always from a thread's arena, whose heaps hold at most
+# 64 MB), so every step touched 102 MB of new pages: 25,000 page faults and 43 ms of kernel
+# time (zeroing pages) per step of 80 ms on the 2-core machine. Two settings keep the
+# memory in the process instead:
+# - glibc's mallopt: no mmap for large blocks (M_MMAP_MAX=0) and no return of freed
+#   memory to the system (M_TRIM_THRESHOLD=-1, "never" in glibc's manual), so the next
+#   step's buffer reuses the pages of the last one;
+# - XLA:CPU runs a program on the calling thread (JAX's ``jax_cpu_enable_async_dispatch``
+#   off) instead of a worker thread, so the buffer comes from the main arena, the only
+#   one whose heap may grow past 64 MB without mmap.
+# Together they took the tiny config from 25,040 to about 2,400 page faults a step and
+# its training from 210 to about 310 images/s (docs/BENCHMARKS.md, "The page faults").
+# Inline dispatch alone changed nothing; the allocator settings alone helped the forward
+# pass but left the train step's buffer (from a worker thread) on mmap. The cost: the
+# process holds on to its peak memory (its RSS does not shrink after a peak), much as
+# under jemalloc or tcmalloc, and Python waits for each CPU program instead of queueing
+# the next (on the CPU the host and the program share the same cores).
+RUNTIME_ENV = "DIFFAX_CPU_RUNTIME"  # "off": JAX's and glibc's defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
+_NEVER_TRIM = -1  # glibc's manual: "Setting M_TRIM_THRESHOLD to -1 disables trimming"
+_USER_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+_runtime: dict[str, str] = {}
+
+
+def _glibc():
+    """glibc through ctypes, or None (another libc, another OS)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def _user_chose_malloc() -> str:
+    """Why the user's own allocator settings stand (empty when they set none)."""
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES sets glibc.malloc"
+    for name in _USER_MALLOC_ENV:
+        if name in os.environ:
+            return f"${name} is set"
+    preload = os.environ.get("LD_PRELOAD", "")
+    for lib in ("jemalloc", "tcmalloc", "mimalloc"):
+        if lib in preload:
+            return f"LD_PRELOAD loads {lib}"
+    return ""
+
+
+def configure_cpu_runtime(initialize_backend: bool = True) -> dict[str, str]:
+    """Keeps XLA:CPU's per-execution buffers in the process (see above), when the lab's
+    programs run on the CPU. Call once at start-up, before anything has run: JAX reads the
+    dispatch setting when it creates its CPU client. The memory part needs to know the
+    backend, which creates it; with ``initialize_backend=False`` it waits for a later call
+    while the backends do not exist yet (``main.py`` calls it so before
+    ``jax.distributed.initialize``, and again after). Returns what it set, by part
+    ("dispatch", "malloc"), each with the reason when it set nothing. Safe to call again.
+
+    Each part stands down to a choice the user made: ``$DIFFAX_CPU_RUNTIME=off`` (both),
+    ``$JAX_CPU_ENABLE_ASYNC_DISPATCH`` (the dispatch), and glibc malloc tunables, glibc's
+    ``MALLOC_*_`` variables or an allocator in ``LD_PRELOAD`` (the memory). Accelerator
+    runs are left as they are: only the CPU backend's programs allocate this way.
+    """
+    from jax._src import xla_bridge
+
+    if os.environ.get(RUNTIME_ENV, "").strip().lower() in OFF:
+        return {"dispatch": f"unchanged (${RUNTIME_ENV}=off)", "malloc": "unchanged"}
+    if "dispatch" not in _runtime:
+        if "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ:
+            _runtime["dispatch"] = "unchanged ($JAX_CPU_ENABLE_ASYNC_DISPATCH is set)"
+        elif xla_bridge.backends_are_initialized():
+            _runtime["dispatch"] = (
+                "unchanged (JAX's backends existed before configure_cpu_runtime; "
+                "import diffax_lab before running anything with JAX)"
+            )
+        else:
+            jax.config.update("jax_cpu_enable_async_dispatch", False)
+            _runtime["dispatch"] = "inline"
+    if "malloc" not in _runtime and (initialize_backend or xla_bridge.backends_are_initialized()):
+        if jax.default_backend() != "cpu":
+            _runtime["malloc"] = f"unchanged (the backend is {jax.default_backend()})"
+        elif reason := _user_chose_malloc():
+            _runtime["malloc"] = f"unchanged ({reason})"
+        elif (libc := _glibc()) is None:
+            _runtime["malloc"] = "unchanged (not glibc)"
+        elif libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM):
+            _runtime["malloc"] = "kept (glibc: M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)"
+        else:
+            _runtime["malloc"] = "unchanged (glibc refused mallopt)"
+    return dict(_runtime)

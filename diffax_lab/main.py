@@ -95,6 +95,7 @@ def main(argv, overrides):
         if not FLAGS.workdir:
             raise ConfigError("--workdir is required: the run's directory.")
         config = resolve_config(FLAGS.config, FLAGS.workdir, FLAGS.mode, overrides)
+        compilation.configure_cpu_runtime(initialize_backend=False)  # before JAX's CPU client
         distributed.initialize(
             FLAGS.distributed,
             FLAGS.coordinator_address,
@@ -103,6 +104,7 @@ def main(argv, overrides):
             FLAGS.cpu_collectives,
             FLAGS.num_cpu_devices,
         )
+        logging.info("CPU runtime: %s.", compilation.configure_cpu_runtime())
         MODES[FLAGS.mode].run(config, FLAGS.workdir)
     except (ConfigError, DataError, WorkdirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line: what is wrong and the fix

@@ -326,6 +326,7 @@ def run_worker(job_file: str) -> int:
     with open(job_file, "rb") as f:
         job = pickle.load(f)
     compilation.enable_persistent_cache()  # points of one sweep share compiled programs
+    compilation.configure_cpu_runtime()
     if "workdir" in job:
         train_mode.run(job["cfg"], job["workdir"])
     else:

@@ -49,6 +49,12 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+from diffax_lab import compilation  # noqa: E402
+
+# As the lab's entry points do: XLA:CPU's per-execution buffers stay in the process
+# (compilation.configure_cpu_runtime; each xdist worker is a process of its own).
+compilation.configure_cpu_runtime()
+
 
 def pytest_configure(config):
     config.addinivalue_line(

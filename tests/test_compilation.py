@@ -173,3 +173,89 @@ def test_a_refused_option_falls_back_to_a_plain_compile(monkeypatch):
     compiled = compilation.compile_with_options(jax.jit(_conv_silu).lower(x, w, b), "cpu")
     np.testing.assert_allclose(compiled(x, w, b), _conv_silu(x, w, b), rtol=1e-5)
     assert compilation.cpu_compiler_options("cpu") == {}  # not asked again
+
+
+# ----- configure_cpu_runtime: XLA:CPU's per-execution buffers stay in the process -----
+_FAULT_PROBE = r"""
+import json, os, resource, sys
+from diffax_lab import compilation
+if sys.argv[1] == "jax_first":  # a program runs before the lab is configured
+    import jax.numpy as jnp
+    jnp.zeros(1).block_until_ready()
+setting = compilation.configure_cpu_runtime()
+import jax, jax.numpy as jnp
+n = 24 << 20  # a fresh 96 MiB output a call: above glibc's largest mmap threshold (32 MiB)
+f = jax.jit(lambda x: x * 2 + 1)
+x = jnp.ones(n)
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    out = jax.block_until_ready(f(x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del out
+print(json.dumps({"setting": setting, "faults": faults[3:], "pages": n * 4 // 4096}))
+"""
+
+
+def _fault_probe(**env_changes):
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != compilation.RUNTIME_ENV}
+    for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "JAX_CPU_ENABLE_ASYNC_DISPATCH"):
+        env.pop(k, None)
+    first = env_changes.pop("first", "lab_first")
+    env.update(env_changes, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULT_PROBE, first], env=env, cwd=root, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_runtime_keeps_buffers_across_executions():
+    """Configured, a program's fresh outputs reuse the pages the last call freed; with
+    JAX's and glibc's defaults every call faults in new pages (the mechanism behind the
+    train step's 25,000 page faults, docs/BENCHMARKS.md). Now and then a call still finds
+    no free block to reuse (small allocations split the freed one) and the heap grows, so
+    the bound is on the median call."""
+    on = _fault_probe()
+    assert on["setting"] == {
+        "dispatch": "inline",
+        "malloc": "kept (glibc: M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)",
+    }
+    assert np.median(on["faults"]) < 0.1 * on["pages"], on
+    off = _fault_probe(**{compilation.RUNTIME_ENV: "off"})
+    assert off["setting"]["dispatch"].startswith("unchanged ($DIFFAX_CPU_RUNTIME=off")
+    assert min(off["faults"]) > 0.5 * off["pages"], off
+
+
+def test_cpu_runtime_stands_down_to_the_users_choices():
+    tuned = _fault_probe(GLIBC_TUNABLES="glibc.malloc.mmap_max=0")
+    assert tuned["setting"] == {
+        "dispatch": "inline",
+        "malloc": "unchanged (GLIBC_TUNABLES sets glibc.malloc)",
+    }
+    asynchronous = _fault_probe(JAX_CPU_ENABLE_ASYNC_DISPATCH="true")
+    assert asynchronous["setting"]["dispatch"] == (
+        "unchanged ($JAX_CPU_ENABLE_ASYNC_DISPATCH is set)"
+    )
+    late = _fault_probe(first="jax_first")  # too late to change how JAX dispatches
+    assert late["setting"]["dispatch"].startswith("unchanged (JAX's backends existed")
+    assert late["setting"]["malloc"].startswith("kept")
+
+
+def test_user_malloc_choices_are_recognised(monkeypatch):
+    for k in ("GLIBC_TUNABLES", "LD_PRELOAD", *compilation._USER_MALLOC_ENV):
+        monkeypatch.delenv(k, raising=False)
+    assert compilation._user_chose_malloc() == ""
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.nns=2")  # not malloc's
+    assert compilation._user_chose_malloc() == ""
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert compilation._user_chose_malloc() == "LD_PRELOAD loads jemalloc"
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert compilation._user_chose_malloc() == "$MALLOC_TRIM_THRESHOLD_ is set"
