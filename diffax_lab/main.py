@@ -104,7 +104,7 @@ def main(argv, overrides):
             FLAGS.cpu_collectives,
             FLAGS.num_cpu_devices,
         )
-        logging.info("CPU runtime: %s.", compilation.configure_cpu_runtime())
+        compilation.configure_cpu_runtime()  # the rest, now that the backend may be created
         MODES[FLAGS.mode].run(config, FLAGS.workdir)
     except (ConfigError, DataError, WorkdirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line: what is wrong and the fix

@@ -278,6 +278,7 @@ def _train(config, workdir, mesh, task):
                 for a in (imgs, labels)
             )
 
+        logging.info("CPU runtime: %s.", compilation.configure_cpu_runtime())
         logging.info("Compiling the train step (batch %d)...", config.train.batch_size)
         t0 = time.perf_counter()
         train_step = compilation.compile_lowered(
