@@ -219,19 +219,21 @@ class Reusing:
 # ----- how XLA:CPU runs the programs: memory and dispatch -----
 # XLA:CPU gives each execution of a program one "preallocated temp" buffer for all its
 # intermediate values, allocated when the execution starts and freed when it ends: 102 MB
-# for the tiny U-Net's train step. glibc serves an allocation that large with a fresh mmap
-# (above its mmap threshold, and always from a thread's arena, whose heaps hold at most
-# 64 MB), so every step touched 102 MB of new pages: 25,000 page faults and 43 ms of kernel
-# time (zeroing pages) per step of 80 ms on the 2-core machine. Two settings keep the
-# memory in the process instead:
+# for the tiny U-Net's train step. glibc serves a block that large with a fresh mmap: it
+# is above glibc's largest mmap threshold (32 MiB), and JAX runs the step on a worker
+# thread, whose malloc arena (heaps of at most 64 MiB) falls back to mmap for it even with
+# mmap turned off. So every step touched 102 MB of new pages: 25,000 page faults and 43 ms
+# of kernel time (zeroing pages) per step of 80 ms on the 2-core machine. Two settings keep
+# the memory in the process instead:
 # - glibc's mallopt: no mmap for large blocks (M_MMAP_MAX=0) and no return of freed
 #   memory to the system (M_TRIM_THRESHOLD=-1, "never" in glibc's manual), so the next
 #   step's buffer reuses the pages of the last one;
 # - XLA:CPU runs a program on the calling thread (JAX's ``jax_cpu_enable_async_dispatch``
 #   off) instead of a worker thread, so the buffer comes from the main arena, the only
 #   one whose heap may grow past 64 MB without mmap.
-# Together they took the tiny config from 25,040 to about 2,400 page faults a step and
-# its training from 210 to about 310 images/s (docs/BENCHMARKS.md, "The page faults").
+# Together they took the tiny config from 24,972 to 210 page faults a step and its
+# training from 180 to 293 images/s (docs/BENCHMARKS.md, "the page faults";
+# benchmarks/cpu_runtime.py).
 # Inline dispatch alone changed nothing; the allocator settings alone helped the forward
 # pass but left the train step's buffer (from a worker thread) on mmap. The cost: the
 # process holds on to its peak memory (its RSS does not shrink after a peak), much as
@@ -283,8 +285,9 @@ def configure_cpu_runtime(initialize_backend: bool = True) -> dict[str, str]:
 
     Each part stands down to a choice the user made: ``$DIFFAX_CPU_RUNTIME=off`` (both),
     ``$JAX_CPU_ENABLE_ASYNC_DISPATCH`` (the dispatch), and glibc malloc tunables, glibc's
-    ``MALLOC_*_`` variables or an allocator in ``LD_PRELOAD`` (the memory). Accelerator
-    runs are left as they are: only the CPU backend's programs allocate this way.
+    ``MALLOC_*_`` variables or an allocator in ``LD_PRELOAD`` (the memory). With an
+    accelerator as the default backend the memory is left as it is, and only the CPU
+    client's dispatch changes, which the lab's programs do not use there.
     """
     from jax._src import xla_bridge
 
