@@ -19,6 +19,8 @@ PyTorch (``--peer``, needs torch + diffusers): the same network (benchmarks/diff
 under ``torch.profiler``, aten ops' self CPU time by family; the optimizer (clip + AdamW)
 timed apart. Both run in this one process, alternately ``--rounds`` times, so that a shared
 machine's load falls on both alike; images/s of each round are printed with the ratios.
+Each round also records the process's minor page faults per train step, ours and
+PyTorch's (``ours_train_faults``, ``torch_train_faults``: pages the kernel had to map).
 """
 
 from __future__ import annotations

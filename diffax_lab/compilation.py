@@ -222,9 +222,10 @@ class Reusing:
 # for the tiny U-Net's train step. glibc serves a block that large with a fresh mmap: it
 # is above glibc's largest mmap threshold (32 MiB), and JAX runs the step on a worker
 # thread, whose malloc arena (heaps of at most 64 MiB) falls back to mmap for it even with
-# mmap turned off. So every step touched 102 MB of new pages: 25,000 page faults and 43 ms
-# of kernel time (zeroing pages) per step of 80 ms on the 2-core machine. Two settings keep
-# the memory in the process instead:
+# mmap turned off. So every step touched 102 MB of new pages: 24,972 page faults a step,
+# each mapped and zeroed by the kernel (20 of the 47 s of a 120-step cpu-config training
+# run were system time on the 2-core machine). Two settings keep the memory in the
+# process instead:
 # - glibc's mallopt: no mmap for large blocks (M_MMAP_MAX=0) and no return of freed
 #   memory to the system (M_TRIM_THRESHOLD=-1, "never" in glibc's manual), so the next
 #   step's buffer reuses the pages of the last one;

@@ -197,7 +197,9 @@ print(json.dumps({"setting": setting, "faults": faults[3:], "pages": n * 4 // 40
 """
 
 
-def _fault_probe(**env_changes):
+def _fault_probe(first: str = "lab_first", **env_changes):
+    """Runs _FAULT_PROBE in a fresh process with ``env_changes``; ``first="jax_first"`` runs
+    a program before the lab is configured."""
     import json
     import subprocess
     import sys
@@ -205,7 +207,6 @@ def _fault_probe(**env_changes):
     env = {k: v for k, v in os.environ.items() if k != compilation.RUNTIME_ENV}
     for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "JAX_CPU_ENABLE_ASYNC_DISPATCH"):
         env.pop(k, None)
-    first = env_changes.pop("first", "lab_first")
     env.update(env_changes, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
