@@ -20,6 +20,10 @@ shared machine's load falls on all alike):
   (``layers.CONV_IMPL_BY_BACKEND``);
 - ``none``: the five above together.
 
+Two diagnostics change the network instead of a lever, to price a part of it in the
+whole step (they are not the lab's choices): ``relu_activation`` (``model.activation``
+relu instead of SiLU) and ``no_norm`` (``model.norm`` none: no GroupNorm).
+
 The levers are read when a step is traced and compiled, so each variant's steps are
 compiled with its setting and then run unchanged. ``--variants`` builds only those named:
 fewer compiled steps in memory and more rounds in the same time give a steadier A/B of one
@@ -28,6 +32,7 @@ lever (seven variants at once varied by up to 20% between rounds on the 2-core m
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -57,6 +62,8 @@ VARIANTS = {
         "dropout": "jax",
         "conv": "xla",
     },
+    "relu_activation": {"overrides": {"model.activation": "relu"}},
+    "no_norm": {"overrides": {"model.norm": "none"}},
 }
 
 
@@ -69,12 +76,19 @@ def define_flags():
 
 
 def build(
-    config, forward_batch: int, fusions=True, attention="lab", norm="lab", dropout="lab", conv="lab"
+    config,
+    forward_batch: int,
+    fusions=True,
+    attention="lab",
+    norm="lab",
+    dropout="lab",
+    conv="lab",
+    overrides=None,
 ):
     """benchmarks.cpu_profile's ``Ours`` (a compiled train step and forward) with the levers
-    set while it traces and compiles."""
+    set while it traces and compiles, on ``config`` with ``overrides`` (dotted keys)."""
     from benchmarks.cpu_profile import Ours
-    from diffax_lab import compilation
+    from diffax_lab import compilation, config_lib
     from diffax_lab.models import layers
 
     backend = jax.default_backend()
@@ -90,6 +104,8 @@ def build(
         table[backend] = value
     if not fusions:
         os.environ[compilation.FUSIONS_ENV] = "off"
+    if overrides:
+        config = config_lib.apply_overrides(copy.deepcopy(config), overrides)
     try:
         return Ours(config, forward_batch)
     finally:

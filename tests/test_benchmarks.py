@@ -58,7 +58,8 @@ def test_benchmark_modules_import_together_without_flag_clashes():
     can import any set of them (two of them both define --out)."""
     import importlib
 
-    from absl import flags
+    import orbax.checkpoint  # noqa: F401
+    from absl import app, flags  # noqa: F401  (absl.app and orbax define flags on import)
 
     before = set(flags.FLAGS)
     for name in (
@@ -68,6 +69,7 @@ def test_benchmark_modules_import_together_without_flag_clashes():
         "cpu_profile",
         "diffusers_peer",
         "guidance_accuracy",
+        "kernel_grad",
         "plot_eval",
         "sampler_errors",
         "throughput",
@@ -148,3 +150,68 @@ def test_conv_cap_pieces_compute_what_pytorch_computes_on_the_same_numbers():
         dx = back(p["torch_dx"](), lhs)  # of the padded input: crop the padding
         dx = dx[:, pt : dx.shape[1] - pb, pl : dx.shape[2] - pr]
         np.testing.assert_allclose(dx, p["ours_dx"](), atol=1e-4)
+
+
+def test_kernel_grad_formulations_equal_xlas_kernel_gradient_and_pytorchs():
+    """benchmarks/kernel_grad.py: every formulation of a 3x3 kernel gradient computes XLA's
+    (programs() refuses one that does not, and does refuse a wrong one), PyTorch's
+    conv2d_weight agrees on the same numbers, and only 3x3 stride-1 'same' convolutions
+    of a U-Net are taken (not the strided downsampling one)."""
+    import torch  # installed for the tests by .ci/setup
+
+    from benchmarks import kernel_grad
+    from benchmarks.conv_cap import network_convs
+    from diffax_lab.models.unet import UNet
+
+    model = UNet(out_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(), num_groups=4, downsample_padding=0)  # fmt: skip
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,))
+    params = model.init(jax.random.PRNGKey(0), x, t)["params"]
+    specs = network_convs(model, params, x, t)
+    taken = [s for s in specs if kernel_grad.eligible(s)]
+    assert taken and len(taken) < len(specs)
+    assert all(s["window_strides"] == (1, 1) and s["rhs"][:2] == (3, 3) for s in taken)
+    assert not kernel_grad.eligible(next(s for s in specs if s["window_strides"] != (1, 1)))
+    spec = next(s for s in taken if s["rhs"][2] > 1 and s["rhs"][3] > 1)
+    names = [*kernel_grad.FORMULATIONS, "gemm_floor"]
+    progs = kernel_grad.programs(spec, names, torch)  # each checked against xla's
+    assert set(progs) == {*names, "torch"}
+    ours = np.asarray(progs["xla"]())
+    theirs = progs["torch"]().numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max())
+    floor = np.asarray(progs["gemm_floor"]())  # the same dot, its operand prebuilt
+    np.testing.assert_allclose(floor.reshape(ours.shape), ours, atol=1e-4 * np.abs(ours).max())
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(
+            kernel_grad.FORMULATIONS, "im2col", lambda x, dy: kernel_grad.dw_xla(x, dy) * 1.01
+        )
+        with pytest.raises(ValueError, match="im2col differs"):
+            kernel_grad.programs(spec, ["im2col"])
+
+
+def test_cpu_levers_builds_each_variant_on_its_own_config_and_restores_the_tables(monkeypatch):
+    """cpu_levers.build: a diagnostic variant's overrides reach the built step on a copy of
+    the config (the next variant gets the config unchanged), and every lever table is
+    back to what it was afterwards."""
+    import benchmarks.cpu_profile
+    from benchmarks import cpu_levers
+    from diffax_lab import config_lib
+    from diffax_lab.models import layers
+
+    seen = []
+
+    def ours(config, forward_batch):
+        backend = jax.default_backend()
+        seen.append(
+            (config.model.activation, config.model.norm, layers.CONV_IMPL_BY_BACKEND[backend])
+        )
+
+    monkeypatch.setattr(benchmarks.cpu_profile, "Ours", ours)
+    before = dict(layers.CONV_IMPL_BY_BACKEND)
+    config = config_lib.load_config("configs/ddpm.py:tiny")
+    cpu_levers.build(config, 4, **cpu_levers.VARIANTS["relu_activation"])
+    cpu_levers.build(config, 4, **cpu_levers.VARIANTS["no_norm"])
+    cpu_levers.build(config, 4, **cpu_levers.VARIANTS["conv_xla"])
+    assert seen == [("relu", "group", "lab"), ("silu", "none", "lab"), ("silu", "group", "xla")]
+    assert (config.model.activation, config.model.norm) == ("silu", "group")
+    assert layers.CONV_IMPL_BY_BACKEND == before
