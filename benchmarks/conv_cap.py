@@ -112,8 +112,8 @@ def _first_elements(outputs):
     """The sum of the first element of each array in ``outputs``: a scalar that depends on
     all of them. Adding 0 times it to the next convolution's kernel makes that convolution
     wait for these outputs. An optimization barrier would not: XLA:CPU expands barriers
-    away before it schedules (OptimizationBarrierExpander), and then runs independent
-    convolutions concurrently. XLA does not fold a float multiply by zero (NaN * 0 is NaN),
+    away before it schedules (OptimizationBarrierExpander), and is then free to run
+    independent convolutions concurrently. XLA does not fold a float multiply by zero (NaN * 0 is NaN),
     and the kernel is small, so the dependency costs next to nothing."""
     return sum(a.reshape(-1)[0] for a in jax.tree.leaves(outputs))
 

@@ -9,6 +9,8 @@ shared machine's load falls on all alike):
 - ``all``: what the lab runs on the CPU;
 - ``no_fusion_options``: XLA's default YNNPACK library fusions
   (``$DIFFAX_CPU_FUSIONS=off``, see ``compilation.cpu_compiler_options``);
+- ``no_reduce_fusion``: the lab's fusion option without ``REDUCE`` (reductions as XLA's
+  own instead of YNNPACK's);
 - ``attention_jax_nn``: ``jax.nn.dot_product_attention`` instead of the lab's arrangement
   (``layers.ATTENTION_IMPL_BY_BACKEND``);
 - ``norm_autodiff``: GroupNorm's backward by autodiff instead of the hand-written one
@@ -51,6 +53,7 @@ FLAGS = flags.FLAGS
 VARIANTS = {
     "all": {},
     "no_fusion_options": {"fusions": False},
+    "no_reduce_fusion": {"fusion_set": ("DOT", "INDIVIDUAL_DOT")},
     "attention_jax_nn": {"attention": "xla"},
     "norm_autodiff": {"norm": "autodiff"},
     "dropout_jax_random": {"dropout": "jax"},
@@ -84,9 +87,11 @@ def build(
     dropout="lab",
     conv="lab",
     overrides=None,
+    fusion_set=None,
 ):
     """benchmarks.cpu_profile's ``Ours`` (a compiled train step and forward) with the levers
-    set while it traces and compiles, on ``config`` with ``overrides`` (dotted keys)."""
+    set while it traces and compiles, on ``config`` with ``overrides`` (dotted keys);
+    ``fusion_set`` replaces ``compilation.CPU_YNN_FUSIONS`` meanwhile."""
     from benchmarks.cpu_profile import Ours
     from diffax_lab import compilation, config_lib
     from diffax_lab.models import layers
@@ -106,9 +111,13 @@ def build(
         os.environ[compilation.FUSIONS_ENV] = "off"
     if overrides:
         config = config_lib.apply_overrides(copy.deepcopy(config), overrides)
+    saved_fusions = compilation.CPU_YNN_FUSIONS
+    if fusion_set is not None:
+        compilation.CPU_YNN_FUSIONS = tuple(fusion_set)
     try:
         return Ours(config, forward_batch)
     finally:
+        compilation.CPU_YNN_FUSIONS = saved_fusions
         for table, value in saved:
             table[backend] = value
         if saved_env is None:

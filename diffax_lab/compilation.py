@@ -97,8 +97,9 @@ stats = {"hits": 0, "misses": 0}
 # cost 4-13% (XLA materialised broadcasts for them), so training leaves them out. On the
 # 2-core CPU (benchmarks/cpu_levers.py, XLA's defaults -> these): the cpu config 122 -> 162
 # train and 449 -> 718 forward images/s, tiny 182 -> 208 and 840 -> 1025
-# (docs/BENCHMARKS.md "Speed and scale"). The option is experimental in XLA: a jaxlib that
-# refuses it compiles with its defaults.
+# (docs/BENCHMARKS.md "Speed and scale"). REDUCE alone is worth 38-44% in training
+# (cpu_levers --variants=all,no_reduce_fusion). The option is experimental in XLA: a
+# jaxlib that refuses it compiles with its defaults.
 CPU_YNN_FUSIONS = ("DOT", "INDIVIDUAL_DOT", "REDUCE")
 CPU_YNN_INFERENCE_FUSIONS = ("ELTWISE",)  # added outside train steps
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"

@@ -191,27 +191,36 @@ def test_kernel_grad_formulations_equal_xlas_kernel_gradient_and_pytorchs():
 
 def test_cpu_levers_builds_each_variant_on_its_own_config_and_restores_the_tables(monkeypatch):
     """cpu_levers.build: a diagnostic variant's overrides reach the built step on a copy of
-    the config (the next variant gets the config unchanged), and every lever table is
-    back to what it was afterwards."""
+    the config (the next variant gets the config unchanged), a fusion set holds only while
+    its step is built, and every lever table is back to what it was afterwards."""
     import benchmarks.cpu_profile
     from benchmarks import cpu_levers
-    from diffax_lab import config_lib
+    from diffax_lab import compilation, config_lib
     from diffax_lab.models import layers
 
     seen = []
 
     def ours(config, forward_batch):
-        backend = jax.default_backend()
-        seen.append(
-            (config.model.activation, config.model.norm, layers.CONV_IMPL_BY_BACKEND[backend])
-        )
+        conv = layers.CONV_IMPL_BY_BACKEND[jax.default_backend()]
+        fusions = compilation.cpu_compiler_options("cpu", training=True)
+        fusions = next(iter(fusions.values()), "") if fusions else ""
+        seen.append((config.model.activation, config.model.norm, conv, "REDUCE" in fusions))
 
     monkeypatch.setattr(benchmarks.cpu_profile, "Ours", ours)
-    before = dict(layers.CONV_IMPL_BY_BACKEND)
+    monkeypatch.delenv(compilation.FUSIONS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")  # read per call; the backend already has its flags
+    before = (dict(layers.CONV_IMPL_BY_BACKEND), compilation.CPU_YNN_FUSIONS)
     config = config_lib.load_config("configs/ddpm.py:tiny")
-    cpu_levers.build(config, 4, **cpu_levers.VARIANTS["relu_activation"])
-    cpu_levers.build(config, 4, **cpu_levers.VARIANTS["no_norm"])
-    cpu_levers.build(config, 4, **cpu_levers.VARIANTS["conv_xla"])
-    assert seen == [("relu", "group", "lab"), ("silu", "none", "lab"), ("silu", "group", "xla")]
+    for name in ("relu_activation", "no_norm", "conv_xla", "no_reduce_fusion", "all"):
+        cpu_levers.build(config, 4, **cpu_levers.VARIANTS[name])
+    reduce = "REDUCE" in before[1]
+    assert reduce  # the lab's set; the variant takes it out
+    assert seen == [
+        ("relu", "group", "lab", reduce),
+        ("silu", "none", "lab", reduce),
+        ("silu", "group", "xla", reduce),
+        ("silu", "group", "lab", False),
+        ("silu", "group", "lab", reduce),
+    ]
     assert (config.model.activation, config.model.norm) == ("silu", "group")
-    assert layers.CONV_IMPL_BY_BACKEND == before
+    assert (dict(layers.CONV_IMPL_BY_BACKEND), compilation.CPU_YNN_FUSIONS) == before
