@@ -16,7 +16,7 @@ ablations that change one thing at a time. Values are typed as the config's fiel
 
 ``--parallel=N`` (``parallel=N`` from Python; 0, the default, runs every point in this
 process) runs up to N points at once, each in its own worker process
-(``python -m diffax_lab.sweep --worker=ROOT/<name>/sweep_job.pkl``, output in
+(``python -m diffax_lab.sweep --worker=ROOT/<name>/sweep_job.json``, output in
 ROOT/<name>/sweep.log), e.g. the arms of an ablation sharing one GPU. Workers allocate
 accelerator memory as they need it (XLA_PYTHON_CLIENT_PREALLOCATE=false; each capped at this
 process's XLA_PYTHON_CLIENT_MEM_FRACTION), so N small runs take what they use, not N
@@ -35,7 +35,6 @@ import copy
 import itertools
 import json
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -55,7 +54,7 @@ class SweepError(RuntimeError):
     """Points of a parallel sweep failed (each named, with the end of its log)."""
 
 
-JOB_FILE = "sweep_job.pkl"  # --parallel: what a worker process runs
+JOB_FILE = "sweep_job.json"  # --parallel: what a worker process runs (JSON, never pickle)
 LOG_FILE = "sweep.log"  # --parallel: a worker's stdout and stderr
 
 
@@ -258,10 +257,7 @@ def run_parallel(cfg, points, root: str, evaluate: bool, steps, log, parallel: i
             log(f"[sweep] {point_name(p)}: done, skipped")
             continue
         job = os.path.join(workdir, JOB_FILE)
-        with open(job, "wb") as f:
-            pickle.dump(
-                {"cfg": cfg, "point": p, "root": root, "evaluate": evaluate, "steps": steps}, f
-            )
+        write_job(job, cfg=cfg, point=p, root=root, evaluate=evaluate, steps=steps)
         todo.append((point_name(p), job, os.path.join(workdir, LOG_FILE)))
     return run_jobs(todo, log, parallel)
 
@@ -313,18 +309,83 @@ def train_parallel(runs: dict, parallel: int, log=print) -> None:
             continue
         os.makedirs(workdir, exist_ok=True)
         job = os.path.join(workdir, JOB_FILE)
-        with open(job, "wb") as f:
-            pickle.dump({"cfg": cfg, "workdir": workdir}, f)
+        write_job(job, cfg=cfg, workdir=workdir)
         todo.append((workdir, job, os.path.join(workdir, LOG_FILE)))
     failed = run_jobs(todo, log, parallel)
     if failed:
         raise SweepError(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))
 
 
+def _tag_tuples(value):
+    """JSON keeps lists only: tuples are written as {"__tuple__": [...]}, so that a config
+    comes back with the types it left with (a tuple field stays a tuple)."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tag_tuples(v) for v in value]}
+    if isinstance(value, list):
+        return [_tag_tuples(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _tag_tuples(v) for k, v in value.items()}
+    return value
+
+
+def _untag_tuples(value):
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_untag_tuples(v) for v in value["__tuple__"])
+        return {k: _untag_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag_tuples(v) for v in value]
+    return value
+
+
+def write_job(path: str, *, cfg, **job) -> None:
+    """A worker's job (``cfg``, a ConfigDict, and plain values) as JSON, written atomically.
+    A config value JSON cannot hold is refused by its field, before any process starts."""
+    data = {"cfg": cfg.to_dict(), **job}
+    try:
+        text = json.dumps(_tag_tuples(data), allow_nan=True)
+    except TypeError as e:
+        bad = [f for f, v in _flat(data["cfg"]) if not _json_ok(v)]
+        raise ConfigError(
+            f"{', '.join(bad) or 'a sweep value'}: a worker process receives its config as "
+            f"JSON, which cannot hold this value ({e}); use a number, string, bool, None, "
+            "or a list or tuple of them."
+        ) from e
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"config.{prefix}{k}", v
+
+
+def _json_ok(v) -> bool:
+    try:
+        json.dumps(_tag_tuples(v))
+        return True
+    except TypeError:
+        return False
+
+
+def read_job(path: str) -> dict:
+    """``write_job``'s file: its values, ``cfg`` a ConfigDict again."""
+    from ml_collections import ConfigDict
+
+    with open(path) as f:
+        job = _untag_tuples(json.load(f))
+    job["cfg"] = ConfigDict(job["cfg"])
+    return job
+
+
 def run_worker(job_file: str) -> int:
     """``--worker=FILE``: runs one point's job (or one training run's) in this process."""
-    with open(job_file, "rb") as f:
-        job = pickle.load(f)
+    job = read_job(job_file)
     compilation.enable_persistent_cache()  # points of one sweep share compiled programs
     compilation.configure_cpu_runtime()
     if "workdir" in job:

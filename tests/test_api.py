@@ -133,8 +133,8 @@ def test_parallel_sweep_in_worker_processes_equals_the_in_process_sweep(tiny_dat
 
 
 FAKE_WORKER = """
-import os, pickle, sys, time
-job = pickle.load(open(sys.argv[1], "rb"))
+import json, os, sys, time
+job = json.load(open(sys.argv[1]))
 workdir = os.path.dirname(sys.argv[1])
 with open(os.path.join(workdir, "times"), "w") as f:
     f.write(f"{time.time()} ")
@@ -175,6 +175,35 @@ def test_parallel_sweep_runs_points_in_at_most_n_processes_and_reports_failures(
     assert any(line.startswith("[sweep] 1 sweep point(s) failed:\nseed=2") for line in logs)
 
 
+def test_worker_job_files_are_json_and_give_back_the_config_with_its_types(tmp_path):
+    """--parallel hands each worker its job as JSON (never a pickle): every config of
+    configs/ comes back equal, tuples as tuples; a value JSON cannot hold is refused by
+    its field before any process starts."""
+    import glob
+
+    from diffax_lab import config_lib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = str(tmp_path / sweep.JOB_FILE)
+    assert path.endswith(".json")
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(f"{root}/configs/*.py"))
+    assert len(names) >= 10
+    point = {"model.channel_mult": (1, 2), "seed": 3}
+    for name in names:
+        cfg = config_lib.load_config(name)
+        sweep.write_job(path, cfg=cfg, point=point, root="r", evaluate=True, steps=[1, 2])
+        with open(path) as f:
+            json.load(f)  # plain JSON
+        job = sweep.read_job(path)
+        assert job["cfg"].to_dict() == cfg.to_dict(), name
+        assert (job["point"], job["steps"], job["evaluate"]) == (point, [1, 2], True)
+    assert isinstance(job["cfg"].model.channel_mult, tuple)
+    cfg = config_lib.load_config("ddpm:tiny")
+    cfg.model.channel_mult = (1, np.int64(2))  # numpy integers are not JSON
+    with pytest.raises(ConfigError, match=r"config\.model\.channel_mult: a worker process"):
+        sweep.write_job(path, cfg=cfg, point={}, root="r", evaluate=True, steps=None)
+
+
 def test_grid_figure_lays_out_images_with_titles():
     import matplotlib
 
@@ -192,9 +221,10 @@ def test_train_parallel_hands_each_run_to_a_worker_and_names_the_failed(tmp_path
 
     script = tmp_path / "worker.py"
     script.write_text(
-        "import pickle, sys\n"
-        "job = pickle.load(open(sys.argv[1], 'rb'))\n"
-        "print('trains', job['workdir'], job['cfg'].train.num_steps, job['cfg'].train.progress_bar)\n"
+        "import json, sys\n"
+        "job = json.load(open(sys.argv[1]))\n"
+        "train = job['cfg']['train']\n"
+        "print('trains', job['workdir'], train['num_steps'], train['progress_bar'])\n"
         "sys.exit(1 if job['workdir'].endswith('b') else 0)\n"
     )
     monkeypatch.setattr(sweep, "worker_command", lambda job: [sys.executable, str(script), job])
