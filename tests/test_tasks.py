@@ -172,3 +172,25 @@ def test_a_task_without_its_own_section_is_refused_naming_it(config_name):
         ConfigError, match=rf"config.task='{task.name}' needs a config.{task.section} section"
     ):
         registry.check_config(config)
+
+
+def test_a_task_name_belongs_to_one_class():
+    """registry.register refuses another class under a taken name, naming both; the same
+    class defined again (a notebook cell run twice) replaces the old definition."""
+    with pytest.raises(
+        ValueError, match=r"'toy_mean_image' is taken by tests\.test_tasks\.MeanImageTask"
+    ):
+
+        @registry.register
+        class Impostor(MeanImageTask):
+            pass
+
+    assert registry.get("toy_mean_image") is MeanImageTask
+    with pytest.raises(ValueError, match="'diffusion' is taken by diffax_lab.tasks.diffusion"):
+        registry.register(type("Mine", (MeanImageTask,), {"name": "diffusion"}))
+    again = type("MeanImageTask", (MeanImageTask,), {"__module__": MeanImageTask.__module__})
+    try:
+        assert registry.register(again) is again
+        assert registry.get("toy_mean_image") is again
+    finally:
+        registry.TASKS["toy_mean_image"] = MeanImageTask

@@ -27,10 +27,29 @@ def builtin_names() -> list[str]:
     return [m.name for m in pkgutil.iter_modules(path) if m.name not in SHARED]
 
 
+def _where(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register(cls: type[Task]) -> type[Task]:
-    """Class decorator: makes ``cls`` the task of ``config.task = cls.name``."""
+    """Class decorator: makes ``cls`` the task of ``config.task = cls.name``.
+
+    A name belongs to one class: another class under a taken name, or under the name of
+    one of the lab's own tasks (imported first to check), is refused (a run's config.json
+    names its task, so the name must mean one thing). The same class defined
+    again (a notebook cell run twice, a reloaded module: same module and qualified name)
+    replaces the old definition."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a class attribute `name`.")
+    builtin = f"diffax_lab.tasks.{cls.name}"
+    if cls.name not in TASKS and cls.name in builtin_names() and cls.__module__ != builtin:
+        importlib.import_module(builtin)  # the lab's own task of that name comes first
+    held = TASKS.get(cls.name)
+    if held is not None and _where(held) != _where(cls):
+        raise ValueError(
+            f"Task name {cls.name!r} is taken by {_where(held)}; give {_where(cls)} a `name` "
+            "of its own."
+        )
     TASKS[cls.name] = cls
     return cls
 
