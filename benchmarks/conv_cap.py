@@ -84,6 +84,21 @@ def network_convs(model, params, x, t) -> list[dict]:
     return found
 
 
+def config_convs(config, batches: dict) -> dict:
+    """{key: network_convs of the config's network at batch size ``batches[key]``}, on
+    its initial parameters (the config checked first)."""
+    from diffax_lab import sharding
+    from diffax_lab.tasks import registry
+
+    registry.check_config(config)
+    exp = registry.build(config, sharding.make_mesh(config.train.num_devices or None))
+    params = exp.create_state()["params"]
+    x = {k: jnp.zeros((b, *exp.image_shape)) for k, b in batches.items()}
+    return {
+        k: network_convs(exp.model, params, x[k], jnp.full((b,), 0.5)) for k, b in batches.items()
+    }
+
+
 def _lax_conv(spec):
     def conv(x, k):
         return jax.lax.conv_general_dilated(
@@ -244,21 +259,12 @@ def main(argv):
     import torch
 
     from benchmarks.cpu_profile import Peer, timed
-    from diffax_lab import sharding
-    from diffax_lab.tasks import registry
 
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
     config = FLAGS.config
-    registry.check_config(config)
-    exp = registry.build(config, sharding.make_mesh(config.train.num_devices or None))
-    params = exp.create_state()["params"]
-    shape = exp.image_shape
     batches = {"train": config.train.batch_size, "forward": FLAGS.forward_batch}
-    specs = {
-        k: network_convs(exp.model, params, jnp.zeros((b, *shape)), jnp.full((b,), 0.5))
-        for k, b in batches.items()
-    }
+    specs = config_convs(config, batches)
     ours = {k: ours_program(specs[k], k == "train") for k in specs}
     theirs = {k: torch_program(torch, specs[k], k == "train") for k in specs}
     peer = Peer(config, FLAGS.forward_batch)

@@ -48,7 +48,7 @@ from benchmarks.common_flags import (
     define_runtime_flag,
     print_json,
 )
-from benchmarks.conv_cap import network_convs
+from benchmarks.conv_cap import config_convs
 from diffax_lab import compilation
 
 FLAGS = flags.FLAGS
@@ -208,8 +208,6 @@ def main(argv):
     del argv
     runtime = configure_runtime()
     from benchmarks.cpu_profile import timed
-    from diffax_lab import sharding
-    from diffax_lab.tasks import registry
 
     known = [*FORMULATIONS, "gemm_floor"]
     unknown = sorted(set(FLAGS.formulations) - set(known))
@@ -222,11 +220,8 @@ def main(argv):
         if FLAGS.threads:
             torch.set_num_threads(FLAGS.threads)
     config = FLAGS.config
-    registry.check_config(config)
-    exp = registry.build(config, sharding.make_mesh(config.train.num_devices or None))
-    params = exp.create_state()["params"]
     b = config.train.batch_size
-    specs = network_convs(exp.model, params, jnp.zeros((b, *exp.image_shape)), jnp.full((b,), 0.5))
+    specs = config_convs(config, {"train": b})["train"]
     distinct: dict = {}
     for s in specs:
         if eligible(s):
