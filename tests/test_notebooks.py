@@ -66,6 +66,20 @@ def test_every_notebook_has_a_parameters_cell_with_small_false():
         assert len(params) == 1 and "small = False" in params[0].source, path
 
 
+def test_the_runs_03_and_04_share_are_defined_alike_in_both():
+    """04 loads the runs 03 trains (same workdirs): the cell that configures them must be
+    the same text in both, or 04 would load runs of another config (its resume check
+    then refuses them)."""
+    marker = "# The three runs 03 and 04 share"
+    cells = []
+    for name in ("03_samplers", "04_guidance"):
+        path = os.path.join(ROOT, "notebooks", f"{name}.py")
+        found = [c.source for c in jupytext.read(path).cells if c.source.startswith(marker)]
+        assert len(found) == 1, path
+        cells.append(found[0])
+    assert cells[0] == cells[1]
+
+
 BROKEN = """# ---
 # jupyter:
 #   kernelspec:
