@@ -26,6 +26,7 @@ from benchmarks.common_flags import (
     define_runtime_flag,
     print_json,
 )
+from benchmarks.cpu_profile import timed
 from benchmarks.flops import count_flops
 from diffax_lab import compilation, sharding
 from diffax_lab.diffusion import samplers
@@ -42,17 +43,6 @@ def define_flags():
     flags.DEFINE_integer("sample_steps", 50, "DDIM steps of the sampling-loop measurement.")
     flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (0 = not reported).")
     flags.DEFINE_string("out", "", "Also write the JSON here.")
-
-
-def timed(fn, *args, iters):
-    """Seconds per call, after one warm-up call; blocks on the outputs."""
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
 
 
 def peak_memory_gib():
@@ -128,7 +118,7 @@ def measure(
     t0 = time.perf_counter()
     fwd = compilation.compile_with_options(fwd.lower(params, xf, tf))
     result["forward_compile_s"] = time.perf_counter() - t0
-    dt = timed(fwd, params, xf, tf, iters=iters)
+    dt = timed(lambda: fwd(params, xf, tf), iters)
     result["forward_batch"] = Bf
     result["forward_images_per_s"] = Bf / dt
     result["forward_tflops"] = Bf * fwd_flops / dt / 1e12
@@ -152,7 +142,7 @@ def measure(
         t0 = time.perf_counter()
         loop = compilation.compile_with_options(loop.lower(params, key))
         result["sampler_compile_s"] = time.perf_counter() - t0
-        dt = timed(loop, params, key, iters=max(1, iters // 5))
+        dt = timed(lambda: loop(params, key), max(1, iters // 5))
         result["sampler_steps"] = S
         result["sampler_images_steps_per_s"] = Bf * S / dt  # comparable to forward images/s
     if peak_tflops:
