@@ -154,20 +154,22 @@ def compile_lowered(
 
     The key is the whole module text (shapes, shardings, donation and every constant a
     function closes over, such as frozen weights), so two programs share an executable
-    only when XLA would be handed the same input: a different config, shape, mesh or
-    closed-over array is a different key. Nothing but compiled programs is kept.
+    only when XLA would be handed the same input: a different config, shape, mesh,
+    closed-over array or set of compile options (``cpu_compiler_options``, which
+    ``$DIFFAX_CPU_FUSIONS`` changes) is a different key. Nothing but compiled programs is
+    kept.
     """
     text = lowered.as_text(debug_info=False)
-    key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in devices), training)
+    platform = devices[0].platform if devices else None
+    options = tuple(sorted(cpu_compiler_options(platform, training).items()))
+    key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in devices), options)
     with _lock:
         compiled = _in_memory.get(key)
         if compiled is not None:
             _in_memory.move_to_end(key)
             stats["hits"] += 1
             return compiled
-    compiled = compile_with_options(
-        lowered, devices[0].platform if devices else None, training=training
-    )
+    compiled = compile_with_options(lowered, platform, training=training)
     with _lock:
         stats["misses"] += 1
         _in_memory[key] = compiled

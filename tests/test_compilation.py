@@ -95,6 +95,29 @@ def test_in_memory_executables_are_shared_only_by_the_same_program():
     assert compilation.stats["hits"] == hits + 1
 
 
+def test_in_memory_executables_are_keyed_by_the_compile_options(monkeypatch):
+    """The same program compiled under another option set ($DIFFAX_CPU_FUSIONS=off: XLA's
+    default library fusions) is another executable; back under the first set, the first
+    one is reused."""
+    devices = jax.devices("cpu")[:1]
+    monkeypatch.delenv(compilation.FUSIONS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")  # read per call; the backend already has its flags
+    x = jnp.arange(6.0)
+
+    def lowered():
+        return jax.jit(lambda v: jnp.sum(jnp.sin(v) * 3.0)).lower(x)
+
+    assert compilation.cpu_compiler_options("cpu")  # the lab's set applies here
+    lab = compilation.compile_lowered(lowered(), devices)
+    monkeypatch.setenv(compilation.FUSIONS_ENV, "off")
+    assert compilation.cpu_compiler_options("cpu") == {}
+    default = compilation.compile_lowered(lowered(), devices)
+    assert default is not lab
+    np.testing.assert_allclose(default(x), lab(x), rtol=1e-6)
+    monkeypatch.delenv(compilation.FUSIONS_ENV)
+    assert compilation.compile_lowered(lowered(), devices) is lab
+
+
 def test_cpu_compiler_options_rules(monkeypatch):
     monkeypatch.delenv(compilation.FUSIONS_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
