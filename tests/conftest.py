@@ -56,6 +56,15 @@ from diffax_lab import compilation  # noqa: E402
 compilation.configure_cpu_runtime()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The notebook runs, the suite's longest tests (50-80 s each of a worker), go first.
+    pytest-xdist (--dist worksteal) gives each worker a contiguous share of this order and
+    idle workers take tests from the end of another's share; a long test that started
+    late would leave one worker running alone at the end of the suite."""
+    first = "tests/test_notebooks.py::test_notebook_runs_at_small_parameters"
+    items.sort(key=lambda item: not item.nodeid.startswith(first))  # stable: the rest keep order
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end runs (subprocesses, training); `make test-fast` skips them"
