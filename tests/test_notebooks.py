@@ -131,9 +131,10 @@ def test_papermill_in_a_kernel_fails_on_a_broken_cell(tmp_path):
         )
 
 
-# Every notebook runs in CI: 06, 07 and 08, the longest, took 79, 48 and 91 s of a worker in the
-# suite from an empty cache (docs/BENCHMARKS.md, "Test suite"), down from 236, 128 and 154 s
-# before the train step's update went flat (diffax_lab/optimizer.py).
+# Every notebook runs in CI: 06, 07 and 08, the longest, took 80, 51 and 78 s of a worker in the
+# suite from an empty cache (check25, docs/BENCHMARKS.md, "Test suite"), down from 236, 128
+# and 154 s before the train step's update went flat (diffax_lab/optimizer.py); 08 from 91 s
+# since its small mode draws one ODE tolerance. tests/conftest.py collects these runs first.
 
 
 @pytest.mark.slow  # each trains or samples tiny models
