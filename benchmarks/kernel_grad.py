@@ -132,6 +132,7 @@ FORMULATIONS = {
     "shift_gemm": dw_shift_gemm,
     "batch_split": dw_batch_split,
 }
+NAMES = (*FORMULATIONS, "gemm_floor")  # what --formulations may name
 
 
 def eligible(spec) -> bool:
@@ -197,8 +198,8 @@ def define_flags():
     flags.DEFINE_integer("threads", 2, "torch.set_num_threads (0 = torch's default).")
     flags.DEFINE_list(
         "formulations",
-        [*FORMULATIONS, "gemm_floor"],
-        f"Of {[*FORMULATIONS, 'gemm_floor']}; 'xla' is always built (the reference).",
+        list(NAMES),
+        f"Of {list(NAMES)}; 'xla' is always built (the reference).",
     )
     flags.DEFINE_bool("torch", True, "Also time PyTorch's conv2d_weight.")
     flags.DEFINE_string("out", "", "Also write the JSON here.")
@@ -209,10 +210,9 @@ def main(argv):
     runtime = configure_runtime()
     from benchmarks.cpu_profile import timed
 
-    known = [*FORMULATIONS, "gemm_floor"]
-    unknown = sorted(set(FLAGS.formulations) - set(known))
+    unknown = sorted(set(FLAGS.formulations) - set(NAMES))
     if unknown:
-        raise app.UsageError(f"--formulations: unknown {unknown}; choose from {known}.")
+        raise app.UsageError(f"--formulations: unknown {unknown}; choose from {list(NAMES)}.")
     torch = None
     if FLAGS.torch:
         import torch

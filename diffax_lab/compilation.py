@@ -38,6 +38,11 @@ ENV = "DIFFAX_JAX_CACHE"
 MIN_COMPILE_TIME_S = 0.2
 
 
+def _env_off(name: str) -> bool:
+    """``$name`` says off ("off", "none", "0" or "false", any case)."""
+    return os.environ.get(name, "").strip().lower() in OFF
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "diffax_lab", "jax")
@@ -116,7 +121,7 @@ def cpu_compiler_options(platform: str | None = None, training: bool = False) ->
     platform = platform or jax.default_backend()
     if (
         platform != "cpu"
-        or os.environ.get(FUSIONS_ENV, "").strip().lower() in OFF
+        or _env_off(FUSIONS_ENV)
         or _YNN_OPTION in os.environ.get("XLA_FLAGS", "")
         or _YNN_OPTION in _refused
     ):
@@ -130,7 +135,10 @@ def compile_with_options(
 ):
     """``lowered.compile`` with ``cpu_compiler_options``; a jaxlib that does not know the
     option (it is experimental) gets a plain compile, and is not asked again."""
-    options = cpu_compiler_options(platform, training)
+    return _compile(lowered, cpu_compiler_options(platform, training))
+
+
+def _compile(lowered: jax.stages.Lowered, options: dict[str, str]):
     if not options:
         return lowered.compile()
     try:
@@ -161,15 +169,19 @@ def compile_lowered(
     """
     text = lowered.as_text(debug_info=False)
     platform = devices[0].platform if devices else None
-    options = tuple(sorted(cpu_compiler_options(platform, training).items()))
-    key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in devices), options)
+    options = cpu_compiler_options(platform, training)
+    key = (
+        hashlib.sha256(text.encode()).hexdigest(),
+        tuple(int(d.id) for d in devices),
+        tuple(sorted(options.items())),
+    )
     with _lock:
         compiled = _in_memory.get(key)
         if compiled is not None:
             _in_memory.move_to_end(key)
             stats["hits"] += 1
             return compiled
-    compiled = compile_with_options(lowered, platform, training=training)
+    compiled = _compile(lowered, options)  # the options of the key
     with _lock:
         stats["misses"] += 1
         _in_memory[key] = compiled
@@ -295,7 +307,7 @@ def configure_cpu_runtime(initialize_backend: bool = True) -> dict[str, str]:
     """
     from jax._src import xla_bridge
 
-    if os.environ.get(RUNTIME_ENV, "").strip().lower() in OFF:
+    if _env_off(RUNTIME_ENV):
         return {"dispatch": f"unchanged (${RUNTIME_ENV}=off)", "malloc": "unchanged"}
     if "dispatch" not in _runtime:
         if "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ:

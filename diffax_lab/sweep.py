@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+from ml_collections import ConfigDict
+
 from diffax_lab import compilation, config_lib
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.errors import ConfigError, DataError, WorkdirError
@@ -375,8 +377,6 @@ def _json_ok(v) -> bool:
 
 def read_job(path: str) -> dict:
     """``write_job``'s file: its values, ``cfg`` a ConfigDict again."""
-    from ml_collections import ConfigDict
-
     with open(path) as f:
         job = _untag_tuples(json.load(f))
     job["cfg"] = ConfigDict(job["cfg"])

@@ -173,7 +173,7 @@ def test_kernel_grad_formulations_equal_xlas_kernel_gradient_and_pytorchs():
     assert all(s["window_strides"] == (1, 1) and s["rhs"][:2] == (3, 3) for s in taken)
     assert not kernel_grad.eligible(next(s for s in specs if s["window_strides"] != (1, 1)))
     spec = next(s for s in taken if s["rhs"][2] > 1 and s["rhs"][3] > 1)
-    names = [*kernel_grad.FORMULATIONS, "gemm_floor"]
+    names = list(kernel_grad.NAMES)
     progs = kernel_grad.programs(spec, names, torch)  # each checked against xla's
     assert set(progs) == {*names, "torch"}
     ours = np.asarray(progs["xla"]())
