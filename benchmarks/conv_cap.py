@@ -127,29 +127,42 @@ def _first_elements(outputs):
     """The sum of the first element of each array in ``outputs``: a scalar that depends on
     all of them. Adding 0 times it to the next convolution's kernel makes that convolution
     wait for these outputs. An optimization barrier would not: XLA:CPU expands barriers
-    away before it schedules (OptimizationBarrierExpander), and is then free to run
-    independent convolutions concurrently. XLA does not fold a float multiply by zero (NaN * 0 is NaN),
-    and the kernel is small, so the dependency costs next to nothing."""
+    away before it schedules (OptimizationBarrierExpander), and then ran the forward
+    program's independent convolutions two at a time. XLA does not fold a float multiply
+    by zero (NaN * 0 is NaN), and the kernel is small, so the dependency costs next to
+    nothing."""
     return sum(a.reshape(-1)[0] for a in jax.tree.leaves(outputs))
 
 
 def ours_program(specs, train: bool):
-    """(compiled fn, its arguments): every conv of ``specs`` on its own inputs, in one program;
-    with ``train``, each conv's forward and its vjp (input and kernel gradients)."""
+    """(compiled fn, its arguments): every conv of ``specs`` on its own inputs, in one program,
+    each with its bias added (as the network's convolutions and PyTorch's ``conv2d`` here
+    have: in an inference program XLA:CPU then hands the convolution and its bias to
+    YNNPACK together, as it does in the network's forward pass); with ``train``, each
+    conv's forward and its vjp (input and kernel gradients). Arguments: (x, kernel, bias,
+    output cotangent or None) per convolution."""
     rng = np.random.default_rng(0)
-    args = [_random_args(s, train, rng) for s in specs]
+    args = []
+    for s in specs:
+        x, k, g = _random_args(s, train, rng)
+        bias = jnp.asarray(rng.normal(size=k.shape[-1]) * 0.1, jnp.float32)
+        args.append((x, k, bias, g))
 
     def run(args):
         outs, prev = [], None
-        for s, (x, k, g) in zip(specs, args, strict=True):
+        for s, (x, k, bias, g) in zip(specs, args, strict=True):
             if prev is not None:  # one after the other, as in the network (not 2 at a time)
                 k = k + 0.0 * _first_elements(prev)
             conv = _lax_conv(s)
+
+            def conv_bias(x, k, conv=conv, bias=bias):
+                return conv(x, k) + bias
+
             if train:
-                y, vjp = jax.vjp(conv, x, k)
+                y, vjp = jax.vjp(conv_bias, x, k)
                 outs.append((y, *vjp(g)))
             else:
-                outs.append(conv(x, k))
+                outs.append(conv_bias(x, k))
             prev = outs[-1]
         return outs
 

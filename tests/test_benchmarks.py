@@ -98,7 +98,7 @@ def test_notebook_streams_render_as_a_terminal_shows_them():
 def test_conv_cap_finds_every_convolution_and_runs_them_as_lax_does(monkeypatch):
     """benchmarks/conv_cap.py reads one convolution per 4-D kernel of the U-Net (less the 1x1
     ones that layers.Conv's "lab" runs as dots), and its one-after-the-other program
-    computes what lax computes on the same inputs."""
+    computes what lax computes on the same inputs, each convolution plus its bias."""
     from benchmarks.conv_cap import _lax_conv, network_convs, ours_program
     from diffax_lab.models import layers
     from diffax_lab.models.unet import UNet
@@ -117,8 +117,8 @@ def test_conv_cap_finds_every_convolution_and_runs_them_as_lax_does(monkeypatch)
     assert sorted(s["rhs"] for s in specs) == kernels
     assert any(k[:2] == (1, 1) for k in kernels)
     fn, args = ours_program(specs[:3], train=True)
-    for spec, (inp, k, g), (y, dx, dk) in zip(specs[:3], args, fn(args), strict=True):
-        y_ref, vjp = jax.vjp(_lax_conv(spec), inp, k)
+    for spec, (inp, k, bias, g), (y, dx, dk) in zip(specs[:3], args, fn(args), strict=True):
+        y_ref, vjp = jax.vjp(lambda x, k, s=spec, b=bias: _lax_conv(s)(x, k) + b, inp, k)
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
         for a, b in zip((dx, dk), vjp(g), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
