@@ -47,3 +47,18 @@ def configure_runtime() -> dict:
     if not flags.FLAGS.lab_cpu_runtime:
         os.environ[compilation.RUNTIME_ENV] = "off"
     return compilation.configure_cpu_runtime()
+
+
+PEER_STEPS = ("full", "network")
+
+
+def define_peer_step_flag():
+    flags.DEFINE_enum(
+        "peer_step",
+        "full",
+        PEER_STEPS,
+        "The peer's train step: 'full' does the work of the lab's step (batch from uint8 "
+        "images, noise, timesteps, add_noise, forward, backward, clip, AdamW, EMA); "
+        "'network' only forward, backward, clip and AdamW on a fixed batch (the peer of "
+        "docs/BENCHMARKS.md's earlier figures).",
+    )

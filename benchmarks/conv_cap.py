@@ -11,7 +11,8 @@ dispatch between them, nothing shared for XLA to fold): the forward convolutions
 training the forward plus both gradients (input and kernel) of each. PyTorch: the same
 convolutions through ``torch.nn.functional.conv2d`` (channels-last, as the peer runs
 them), forward and forward + backward. Beside them, the PyTorch peer's whole network
-(benchmarks/diffusers_peer.py's ``UNet2DModel``; train = forward, backward, AdamW).
+(benchmarks/diffusers_peer.py's ``UNet2DModel``; train = ``cpu_profile.Peer``'s full step:
+the batch, noising, forward, backward, clip, AdamW and EMA, the lab's step's work).
 
 ``cap = PyTorch whole network / our convolutions alone`` is the ratio of images/s that
 ours could reach if everything but XLA's convolutions took no time at all: below 1.0,

@@ -11,6 +11,11 @@ shared machine's load falls on all alike):
   (``$DIFFAX_CPU_FUSIONS=off``, see ``compilation.cpu_compiler_options``);
 - ``no_reduce_fusion``: the lab's fusion option without ``REDUCE`` (reductions as XLA's
   own instead of YNNPACK's);
+- ``ynn_convolutions``: the lab's fusion option with ``INDIVIDUAL_CONVOLUTION`` back (each
+  convolution one YNNPACK call, as in XLA's default, instead of XLA's own);
+- ``ynn_eltwise``: the lab's fusion option with ``ELTWISE`` in the train step too (the
+  inference programs' setting: element-wise fusions that take in the forward and input-
+  gradient convolutions next to them);
 - ``attention_jax_nn``: ``jax.nn.dot_product_attention`` instead of the lab's arrangement
   (``layers.ATTENTION_IMPL_BY_BACKEND``);
 - ``norm_autodiff``: GroupNorm's backward by autodiff instead of the hand-written one
@@ -20,7 +25,8 @@ shared machine's load falls on all alike):
   model.dropout > 0 differ);
 - ``conv_xla``: XLA's convolution for 1x1 convolutions too, instead of a dot
   (``layers.CONV_IMPL_BY_BACKEND``);
-- ``none``: the five above together.
+- ``none``: ``no_fusion_options``, ``attention_jax_nn``, ``norm_autodiff``,
+  ``dropout_jax_random`` and ``conv_xla`` together.
 
 Two diagnostics change the network instead of a lever, to price a part of it in the
 whole step (they are not the lab's choices): ``relu_activation`` (``model.activation``
@@ -54,6 +60,10 @@ VARIANTS = {
     "all": {},
     "no_fusion_options": {"fusions": False},
     "no_reduce_fusion": {"fusion_set": ("DOT", "INDIVIDUAL_DOT")},
+    "ynn_convolutions": {
+        "fusion_set": ("DOT", "INDIVIDUAL_DOT", "REDUCE", "INDIVIDUAL_CONVOLUTION")
+    },
+    "ynn_eltwise": {"fusion_set": ("DOT", "INDIVIDUAL_DOT", "REDUCE", "ELTWISE")},
     "attention_jax_nn": {"attention": "xla"},
     "norm_autodiff": {"norm": "autodiff"},
     "dropout_jax_random": {"dropout": "jax"},
@@ -129,7 +139,7 @@ def build(
 def main(argv):
     del argv
     runtime = configure_runtime()
-    from benchmarks.cpu_profile import timed
+    from benchmarks.cpu_profile import convolution_placement, timed
 
     unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
     if unknown:
@@ -152,6 +162,10 @@ def main(argv):
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_runtime": runtime,
         "median": {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]},
+        # Where each variant's train step runs its convolutions (XLA's own or YNNPACK's).
+        "train_convolutions": {
+            name: convolution_placement(ours.step.as_text()) for name, ours in built.items()
+        },
         "rounds": rounds,
     }
     print_json(result, FLAGS.out)

@@ -1,7 +1,8 @@
 """Where a train step and a sampling step spend their time, by op family, ours beside PyTorch.
 
     python -m benchmarks.cpu_profile --config=configs/ddpm.py:tiny [--forward_batch=256] \
-        [--iters=5] [--rounds=2] [--peer] [--noprofile] [--out=FILE]
+        [--iters=5] [--rounds=2] [--warmup_rounds=1] [--peer] [--peer_step=full] \
+        [--noprofile] [--out=FILE]
 
 Ours: the compiled train step (one jitted step: batch gather, noise, U-Net forward and
 backward, AdamW, EMA) and the network forward (what one sampling step costs) run under
@@ -16,11 +17,14 @@ activations, adds, resizes). "host" is the wall time per step the executor does 
 shares of the summed op time and as milliseconds scaled to the executor's wall time.
 
 PyTorch (``--peer``, needs torch + diffusers): the same network (benchmarks/diffusers_peer.py)
-under ``torch.profiler``, aten ops' self CPU time by family; the optimizer (clip + AdamW)
-timed apart. Both run in this one process, alternately ``--rounds`` times, so that a shared
-machine's load falls on both alike; images/s of each round are printed with the ratios.
-Each round also records the process's minor page faults per train step, ours and
-PyTorch's (``ours_train_faults``, ``torch_train_faults``: pages the kernel had to map).
+in a train step that does the lab's step's work (``Peer``; ``--peer_step=network`` leaves
+out the batch, the noising and the EMA, as the peer of docs/BENCHMARKS.md's first four
+passes did), under ``torch.profiler``, aten ops' self CPU time by family; the optimizer
+(clip, AdamW, EMA) timed apart. Both run in this one process, alternately ``--rounds``
+times, so that a shared machine's load falls on both alike; images/s of each round are
+printed with the ratios. Each round also records the process's minor page faults per
+train step, ours and PyTorch's (``ours_train_faults``, ``torch_train_faults``: pages the
+kernel had to map).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from absl import app, flags
 from benchmarks.common_flags import (
     configure_runtime,
     define_measurement_flags,
+    define_peer_step_flag,
     define_runtime_flag,
     print_json,
 )
@@ -68,7 +73,11 @@ def define_flags():
     define_measurement_flags()
     define_runtime_flag()
     flags.DEFINE_integer("rounds", 2, "Alternating rounds of ours and the peer.")
+    flags.DEFINE_integer(
+        "warmup_rounds", 1, "Rounds run first, alike, and left out of the medians."
+    )
     flags.DEFINE_bool("peer", True, "Also profile the PyTorch peer (torch + diffusers).")
+    define_peer_step_flag()
     flags.DEFINE_bool(
         "profile", True, "Profile by op family; --noprofile times the alternating rounds only."
     )
@@ -98,6 +107,39 @@ def parse_hlo(text: str):
         instrs[name] = (opcode, op.group(1) if op else "", calls.group(1) if calls else "")
         comps[current].add(opcode)
     return instrs, comps
+
+
+_CONV = re.compile(
+    r"= f32\[([\d,]*)\]\S* convolution\(.*?window=\{size=(\d+)x(\d+).*?dim_labels=\w+_\w+->(\w+)"
+)
+_YNN_CALL = re.compile(r"calls=%([\w.\-]+).*\"kind\":\"__ynn_fusion\"")
+
+
+def convolution_placement(hlo_text: str) -> dict:
+    """Where each convolution of a compiled XLA:CPU program runs: {"xla" | "ynnpack":
+    {"kernel_gradient": n, "other": n}}. A convolution runs in YNNPACK when the computation
+    holding it is called by a YNNPACK library fusion (``"kind":"__ynn_fusion"``), else as
+    XLA's own. A kernel gradient is recognised by its window, wider than its output (XLA
+    writes it as the input convolved with the whole output gradient, giving the 3x3
+    kernel); forward and input-gradient convolutions have the kernel's window."""
+    ynn = set(_YNN_CALL.findall(hlo_text))
+    out = {"xla": {"kernel_gradient": 0, "other": 0}, "ynnpack": {"kernel_gradient": 0, "other": 0}}
+    current = None
+    for line in hlo_text.splitlines():
+        m = _COMP.match(line)
+        if m and line.rstrip().endswith("{"):
+            current = m.group(1)
+            continue
+        m = _CONV.search(line)
+        if not m:
+            continue
+        dims = [int(d) for d in m.group(1).split(",")]
+        window = (int(m.group(2)), int(m.group(3)))
+        labels = m.group(4)
+        spatial = (dims[labels.index("0")], dims[labels.index("1")])
+        kind = "kernel_gradient" if window[0] > spatial[0] or window[1] > spatial[1] else "other"
+        out["ynnpack" if current in ynn else "xla"][kind] += 1
+    return out
 
 
 def family(name: str, instrs, comps) -> str:
@@ -251,11 +293,16 @@ def torch_breakdown(torch, prof_fn, opt_fn, n, wall_s):
 
 
 class Peer:
-    def __init__(self, config, forward_batch):
+    """The same network in PyTorch eager (diffusers' ``UNet2DModel``, channels-last), its
+    train step around the network ``diffusers_peer.TrainWork``'s (``step="full"``: the work
+    of the lab's step, batch, noising and EMA included; ``"network"``: the peer of
+    docs/BENCHMARKS.md's first four passes)."""
+
+    def __init__(self, config, forward_batch, step: str = "full"):
         import torch
         from diffusers import UNet2DModel
 
-        from benchmarks.diffusers_peer import unet_kwargs
+        from benchmarks.diffusers_peer import TrainWork, unet_kwargs
 
         self.torch = torch
         c = config
@@ -264,19 +311,13 @@ class Peer:
         self.model = UNet2DModel(**kwargs).to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-4, weight_decay=0.0)
         self.B, self.Bf = c.train.batch_size, forward_batch
-        T = c.diffusion.num_timesteps
-
-        def batch(n):
-            x = torch.randn(n, c.data.channels, c.data.image_size, c.data.image_size)
-            return x.to(memory_format=torch.channels_last), torch.randint(0, T, (n,))
-
-        self.x, self.tt = batch(self.B)
-        self.eps = torch.randn_like(self.x)
-        self.fx, self.ft = batch(self.Bf)
+        self.work = TrainWork(torch, self.model, c, self.B, torch.device("cpu"), step)
+        self.fx, self.ft = self.work.noise_batch(self.Bf)
 
     def fwd_bwd(self):
-        out = self.model(self.x, self.tt).sample
-        loss = self.torch.nn.functional.mse_loss(out, self.eps)
+        x, t, eps = self.work.batch()
+        out = self.model(x, t).sample
+        loss = self.torch.nn.functional.mse_loss(out, eps)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return loss
@@ -284,6 +325,7 @@ class Peer:
     def opt_step(self):
         self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
+        self.work.after_update()
 
     def train(self):
         self.model.train()
@@ -304,9 +346,12 @@ def main(argv):
     iters = FLAGS.iters
     cache = compilation.enable_persistent_cache()  # the default dir; 'off' via the env var
     ours = Ours(config, FLAGS.forward_batch)
-    peer = Peer(config, FLAGS.forward_batch) if FLAGS.peer else None
-    rounds = []
-    for _ in range(FLAGS.rounds):  # alternate, so that the machine's load hits both alike
+    peer = Peer(config, FLAGS.forward_batch, FLAGS.peer_step) if FLAGS.peer else None
+    rounds, warmup = [], []
+    # Alternate, so that the machine's load hits both alike. The first --warmup_rounds are
+    # timed alike but left out of the medians: in them the process's heap is still
+    # growing to its working size (page faults on both sides, tens of percent slower).
+    for i in range(FLAGS.warmup_rounds + FLAGS.rounds):
         r = {}
         with page_faults(r, "ours_train_faults", iters + 1):
             r["ours_train"] = ours.B / timed(ours.train, iters)
@@ -317,7 +362,7 @@ def main(argv):
             r["torch_forward"] = peer.Bf / timed(peer.forward, iters)
             r["ratio_train"] = r["ours_train"] / r["torch_train"]
             r["ratio_forward"] = r["ours_forward"] / r["torch_forward"]
-        rounds.append(r)
+        (warmup if i < FLAGS.warmup_rounds else rounds).append(r)
         print(json.dumps(r), flush=True)
     result = {
         "config": FLAGS["config"].value if hasattr(FLAGS["config"], "value") else "",
@@ -326,9 +371,11 @@ def main(argv):
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rounds": rounds,
+        "warmup_rounds": warmup,
         "train_compile_s": ours.train_compile_s,
         "compilation_cache": cache,
         "cpu_runtime": runtime,
+        "peer_step": FLAGS.peer_step if peer else None,
     }
     if peer:
         for key in ("train", "forward"):

@@ -14,9 +14,11 @@ mismatch shows. Modes:
                   usual fast setting);
     bf16          eager under ``torch.autocast(dtype=bfloat16)``;
     bf16_compile  the same under ``torch.compile`` (compile time reported apart).
-Training is one AdamW step of the eps-prediction MSE on random data of the config's shape
-(as benchmarks/throughput.py times ours); forward is the network at ``--forward_batch``.
-Prints one JSON object per mode.
+Training is one step of the eps-prediction MSE that does the lab's train step's work
+(``TrainWork``: a batch drawn from uint8 images, noise, timesteps, ``add_noise``, forward,
+backward, gradient clipping, AdamW, EMA); ``--peer_step=network`` keeps only forward,
+backward, clipping and AdamW on a fixed batch, as in docs/BENCHMARKS.md's earlier
+figures. Forward is the network at ``--forward_batch``. Prints one JSON object per mode.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common_flags import define_measurement_flags
+from benchmarks.common_flags import PEER_STEPS, define_measurement_flags, define_peer_step_flag
 
 FLAGS = flags.FLAGS
 
@@ -39,10 +41,70 @@ def define_flags():
     flags.DEFINE_list("modes", ["fp32", "bf16", "bf16_compile"], "fp32 | bf16 | bf16_compile")
     flags.DEFINE_integer("train_batch", 0, "Training batch (0 = config.train.batch_size).")
     flags.DEFINE_integer("threads", 0, "torch.set_num_threads on the CPU (0 = torch's default).")
+    define_peer_step_flag()
     flags.DEFINE_string("out", "", "Also append the JSON lines here.")
 
 
 MODES = ("fp32", "bf16", "bf16_compile")
+
+
+class TrainWork:
+    """The peer's train step around the network, as the lab's step does it.
+
+    ``step="full"``: each step draws B of ``max(B, 1024)`` uint8 images and scales them to
+    [-1, 1], draws Gaussian noise and uniform timesteps, noises the batch with
+    ``DDPMScheduler.add_noise``, and after AdamW updates diffusers' ``EMAModel`` (foreach,
+    decay ``optim.ema_decay``): the work diffusers' unconditional training example does
+    each step with ``--use_ema``, and what the lab's jitted step has always included.
+    ``step="network"`` (the peer of docs/BENCHMARKS.md's earlier figures) reuses one
+    fixed noisy batch and has no EMA, so its rate is an upper bound on the full step's.
+    The noise schedule's values do not change the cost, so the scheduler keeps
+    diffusers' default betas.
+    """
+
+    def __init__(self, torch, model, config, batch_size: int, dev, step: str = "full"):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        if step not in PEER_STEPS:
+            raise ValueError(f"Peer step={step!r}: choose one of {PEER_STEPS}.")
+        self.torch, self.full, self.B, self.dev = torch, step == "full", batch_size, dev
+        c = config
+        self.T = c.diffusion.num_timesteps
+        self.shape = (c.data.channels, c.data.image_size, c.data.image_size)
+        n = max(batch_size, 1024)
+        self.images = torch.randint(0, 256, (n, *self.shape), dtype=torch.uint8, device=dev)
+        self.scheduler = DDPMScheduler(num_train_timesteps=self.T)
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(dev)
+        self.ema = EMAModel(model.parameters(), decay=c.optim.ema_decay, foreach=True)
+        self.model = model
+        self.x, self.t = self.noise_batch(batch_size)
+        self.eps = torch.randn_like(self.x)
+
+    def noise_batch(self, n):
+        """(Gaussian images [n, C, H, W] in channels-last memory, uniform timesteps)."""
+        torch = self.torch
+        x = torch.randn(n, *self.shape, device=self.dev)
+        return x.to(memory_format=torch.channels_last), torch.randint(
+            0, self.T, (n,), device=self.dev
+        )
+
+    def batch(self):
+        """(noisy images, timesteps, noise): drawn afresh (``full``) or the fixed batch."""
+        if not self.full:
+            return self.x, self.t, self.eps
+        torch = self.torch
+        idx = torch.randint(0, self.images.shape[0], (self.B,), device=self.dev)
+        x0 = self.images[idx].float().div_(127.5).sub_(1.0)
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.T, (self.B,), device=self.dev)
+        return self.scheduler.add_noise(x0, noise, t), t, noise
+
+    def after_update(self):
+        """The EMA step (``full``); nothing for ``network``."""
+        if self.full:
+            self.ema.step(self.model.parameters())
 
 
 def unet_kwargs(model_config, image_size: int, channels: int) -> dict:
@@ -89,10 +151,9 @@ def run_mode(
     train_batch: int,
     forward_batch: int,
     iters: int,
+    step: str = "full",
 ) -> dict:
     """Times one mode; returns its JSON record (train_batch 0 = config.train.batch_size)."""
-    size, ch = config.data.image_size, config.data.channels
-    T = config.diffusion.num_timesteps
     B = train_batch or config.train.batch_size
     FB = forward_batch
     num_classes = config.model.num_classes
@@ -111,16 +172,15 @@ def run_mode(
         net = torch.compile(model)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mode != "fp32")
 
-    def batch(n):
-        x = torch.randn(n, ch, size, size, device=dev).to(memory_format=torch.channels_last)
-        t = torch.randint(0, T, (n,), device=dev)
-        y = torch.randint(0, num_classes, (n,), device=dev) if num_classes else None
-        return x, t, y
+    work = TrainWork(torch, model, config, B, dev, step)
 
-    x, t, y = batch(B)
-    eps = torch.randn_like(x)
+    def labels(n):  # drawn once: the lab's step gathers them with the images, at no cost
+        return torch.randint(0, num_classes, (n,), device=dev) if num_classes else None
+
+    y = labels(B)
 
     def train_step():
+        x, t, eps = work.batch()
         with autocast:
             out = net(x, t, class_labels=y).sample
             loss = torch.nn.functional.mse_loss(out.float(), eps)
@@ -128,9 +188,10 @@ def run_mode(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        work.after_update()
         return loss
 
-    fx, ft, fy = batch(FB)
+    (fx, ft), fy = work.noise_batch(FB), labels(FB)
 
     @torch.no_grad()
     def forward():
@@ -165,6 +226,7 @@ def run_mode(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "params": n_params,
+        "peer_step": step,
         "train_batch": B,
         "train_images_per_s": B / train_s,
         "forward_batch": FB,
@@ -209,6 +271,7 @@ def main(argv):
             train_batch=FLAGS.train_batch,
             forward_batch=FLAGS.forward_batch,
             iters=FLAGS.iters,
+            step=FLAGS.peer_step,
         )
         line = json.dumps(result)
         print(line, flush=True)

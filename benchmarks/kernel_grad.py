@@ -14,6 +14,9 @@ is computed by every formulation of ``FORMULATIONS``, each compiled with the lab
   transposes x and dy and convolves them with an image-sized window;
 - ``im2col``: the nine shifted copies of x side by side (``[B H W, 9 C_in]``), one dot
   contracting B H W;
+- ``im2col_dyt``: the same patches, but dy transposed once (``[C_out, B H W]``) and put on
+  the left, so that the dot has the layout YNNPACK takes (the left operand contracted along
+  its rows, the right along its columns) instead of contracting the patches' leading axis;
 - ``nine_dots``: one dot per kernel tap, the shifted x (``[B H W, C_in]``) against dy;
 - ``patches_t``: x transposed once to ``[C_in, B, H+2, W+2]``, its nine shifts stacked
   (``[9 C_in, B H W]``), one dot in the dot's preferred layout (rows of the left operand
@@ -80,6 +83,13 @@ def dw_im2col(x, dy):
     return dw.reshape(3, 3, c, -1)
 
 
+def dw_im2col_dyt(x, dy):
+    b, h, w, c = x.shape
+    patches = jnp.concatenate(_taps(_pad(x), h, w), axis=-1).reshape(-1, 9 * c)
+    dyt = dy.reshape(-1, dy.shape[-1]).T  # [C_out, B H W]
+    return (dyt @ patches).reshape(-1, 3, 3, c).transpose(1, 2, 3, 0)
+
+
 def dw_nine_dots(x, dy):
     b, h, w, c = x.shape
     d = dy.reshape(-1, dy.shape[-1])
@@ -127,6 +137,7 @@ def dw_batch_split(x, dy):
 FORMULATIONS = {
     "xla": dw_xla,
     "im2col": dw_im2col,
+    "im2col_dyt": dw_im2col_dyt,
     "nine_dots": dw_nine_dots,
     "patches_t": dw_patches_t,
     "shift_gemm": dw_shift_gemm,

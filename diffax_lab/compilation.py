@@ -127,6 +127,7 @@ def cpu_compiler_options(platform: str | None = None, training: bool = False) ->
     ):
         return {}
     kinds = CPU_YNN_FUSIONS if training else CPU_YNN_FUSIONS + CPU_YNN_INFERENCE_FUSIONS
+    kinds = tuple(dict.fromkeys(kinds))  # once each (a set that already has ELTWISE)
     return {_YNN_OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in kinds)}
 
 

@@ -204,23 +204,117 @@ def test_cpu_levers_builds_each_variant_on_its_own_config_and_restores_the_table
         conv = layers.CONV_IMPL_BY_BACKEND[jax.default_backend()]
         fusions = compilation.cpu_compiler_options("cpu", training=True)
         fusions = next(iter(fusions.values()), "") if fusions else ""
-        seen.append((config.model.activation, config.model.norm, conv, "REDUCE" in fusions))
+        kinds = tuple(k in fusions for k in ("REDUCE", "INDIVIDUAL_CONVOLUTION", "ELTWISE"))
+        seen.append((config.model.activation, config.model.norm, conv, *kinds))
 
     monkeypatch.setattr(benchmarks.cpu_profile, "Ours", ours)
     monkeypatch.delenv(compilation.FUSIONS_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "")  # read per call; the backend already has its flags
     before = (dict(layers.CONV_IMPL_BY_BACKEND), compilation.CPU_YNN_FUSIONS)
     config = config_lib.load_config("configs/ddpm.py:tiny")
-    for name in ("relu_activation", "no_norm", "conv_xla", "no_reduce_fusion", "all"):
+    names = ("relu_activation", "no_norm", "conv_xla", "no_reduce_fusion", "ynn_convolutions")
+    for name in (*names, "ynn_eltwise", "all"):
         cpu_levers.build(config, 4, **cpu_levers.VARIANTS[name])
-    reduce = "REDUCE" in before[1]
-    assert reduce  # the lab's set; the variant takes it out
+    # The lab's train-step set has REDUCE, and neither INDIVIDUAL_CONVOLUTION nor ELTWISE;
+    # one variant takes REDUCE out, the two others each add one of the latter.
+    assert [k in before[1] for k in ("REDUCE", "INDIVIDUAL_CONVOLUTION", "ELTWISE")] == [
+        True,
+        False,
+        False,
+    ]
+    lab = ("silu", "group", "lab", True, False, False)
     assert seen == [
-        ("relu", "group", "lab", reduce),
-        ("silu", "none", "lab", reduce),
-        ("silu", "group", "xla", reduce),
-        ("silu", "group", "lab", False),
-        ("silu", "group", "lab", reduce),
+        ("relu", "group", "lab", True, False, False),
+        ("silu", "none", "lab", True, False, False),
+        ("silu", "group", "xla", True, False, False),
+        ("silu", "group", "lab", False, False, False),
+        ("silu", "group", "lab", True, True, False),
+        ("silu", "group", "lab", True, False, True),
+        lab,
     ]
     assert (config.model.activation, config.model.norm) == ("silu", "group")
     assert (dict(layers.CONV_IMPL_BY_BACKEND), compilation.CPU_YNN_FUSIONS) == before
+
+
+def test_cpu_profile_peer_full_step_does_the_lab_steps_work():
+    """The PyTorch peer's full train step (the default) does the lab's step's work: each
+    step a fresh batch of its uint8 images scaled to [-1, 1] and noised in closed form at
+    fresh timesteps, and an EMA update after AdamW; the network step reuses one fixed batch
+    and has no EMA; an unknown step is refused, naming the choices."""
+    import torch  # torch and diffusers are installed for the tests by .ci/setup
+
+    from benchmarks.common_flags import PEER_STEPS
+    from benchmarks.cpu_profile import Peer
+    from diffax_lab import config_lib
+
+    config = config_lib.load_config("configs/ddpm.py:tiny")
+    config.train.batch_size = 3
+    full, net = Peer(config, 2, "full"), Peer(config, 2, "network")
+    work = full.work
+    torch.manual_seed(7)
+    x, t, eps = work.batch()
+    torch.manual_seed(7)  # the same draws, by hand
+    idx = torch.randint(0, work.images.shape[0], (3,))
+    x0 = work.images[idx].float() / 127.5 - 1.0
+    noise = torch.randn_like(x0)
+    t_ = torch.randint(0, config.diffusion.num_timesteps, (3,))
+    ab = work.scheduler.alphas_cumprod[t_].reshape(3, 1, 1, 1)
+    assert torch.equal(t, t_) and torch.equal(eps, noise)
+    torch.testing.assert_close(x, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+    assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(work.batch()[2], eps)  # fresh noise each step
+    assert all(a is b for a, b in zip(net.work.batch(), net.work.batch(), strict=True))
+
+    shadow = [s.clone() for s in work.ema.shadow_params]
+    for _ in range(2):
+        full.train()
+        net.train()
+    assert work.ema.optimization_step == 2 and net.work.ema.optimization_step == 0
+    moved = [not torch.equal(a, b) for a, b in zip(shadow, work.ema.shadow_params, strict=True)]
+    assert any(moved)  # the EMA followed AdamW's update
+    with pytest.raises(ValueError, match=r"choose one of \('full', 'network'\)"):
+        Peer(config, 2, "bogus")
+    assert PEER_STEPS == ("full", "network")
+
+
+def test_convolution_placement_reads_where_xla_runs_each_convolution():
+    """cpu_profile.convolution_placement: in a compiled program, a convolution and its two
+    gradients are found, the kernel gradient told apart by its image-wide window; a
+    convolution inside a computation that a YNNPACK fusion calls counts as YNNPACK's."""
+    from benchmarks.cpu_profile import convolution_placement
+    from diffax_lab import compilation
+
+    x, k = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+
+    def conv(x, k):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dims)
+
+    def fwd_and_grads(x, k):
+        y, vjp = jax.vjp(conv, x, k)
+        return (y, *vjp(y))
+
+    lowered = jax.jit(fwd_and_grads).lower(x, k)
+    text = compilation.compile_with_options(lowered, training=True).as_text()
+    found = convolution_placement(text)
+    assert sum(found[w]["kernel_gradient"] for w in found) == 1
+    assert sum(found[w]["other"] for w in found) == 2
+    hlo = "\n".join(
+        [
+            "%fused_computation.1 (p0: f32[2,8,8,32], p1: f32[3,3,32,32]) -> f32[2,8,8,32] {",
+            "  ROOT %c.1 = f32[2,8,8,32]{3,2,1,0} convolution(%p0, %p1), "
+            "window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f",
+            "}",
+            "ENTRY %main.2 (a: f32[2,8,8,32]) -> f32[32,3,3,32] {",
+            "  %c.2 = f32[32,3,3,32]{3,2,1,0} convolution(%t0, %t1), "
+            "window={size=8x8 pad=1_1x1_1}, dim_labels=b01f_01io->b01f",
+            "  %ynn_fusion = f32[2,8,8,32]{3,2,1,0} fusion(%a, %k), kind=kCustom, "
+            'calls=%fused_computation.1, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}',
+            "}",
+        ]
+    )
+    assert convolution_placement(hlo) == {
+        "xla": {"kernel_gradient": 1, "other": 0},
+        "ynnpack": {"kernel_gradient": 0, "other": 1},
+    }
