@@ -90,14 +90,21 @@ _OPNAME = re.compile(r'op_name="([^"]*)"')
 _COMP = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 
 
-def parse_hlo(text: str):
-    """{instruction: (opcode, op_name, called computation)}, {computation: set of opcodes}."""
-    instrs, comps, current = {}, collections.defaultdict(set), None
+def _body_lines(text: str):
+    """(computation, line) for each line inside a computation of HLO ``text``."""
+    current = None
     for line in text.splitlines():
         m = _COMP.match(line)
         if m and line.rstrip().endswith("{"):
             current = m.group(1)
             continue
+        yield current, line
+
+
+def parse_hlo(text: str):
+    """{instruction: (opcode, op_name, called computation)}, {computation: set of opcodes}."""
+    instrs, comps = {}, collections.defaultdict(set)
+    for current, line in _body_lines(text):
         m = _INSTR.match(line)
         if not m:
             continue
@@ -124,12 +131,7 @@ def convolution_placement(hlo_text: str) -> dict:
     kernel); forward and input-gradient convolutions have the kernel's window."""
     ynn = set(_YNN_CALL.findall(hlo_text))
     out = {"xla": {"kernel_gradient": 0, "other": 0}, "ynnpack": {"kernel_gradient": 0, "other": 0}}
-    current = None
-    for line in hlo_text.splitlines():
-        m = _COMP.match(line)
-        if m and line.rstrip().endswith("{"):
-            current = m.group(1)
-            continue
+    for current, line in _body_lines(hlo_text):
         m = _CONV.search(line)
         if not m:
             continue
