@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from diffax_lab.models.torch_layout import flax_leaf, torch_leaf
 from diffax_lab.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -61,11 +62,7 @@ def _flax_key(key: str, value: np.ndarray):
     if leaf == "weight":
         if "attentions_0" in path and value.ndim == 4:  # 1x1-conv attention of old checkpoints
             value = value[:, :, 0, 0]
-        if value.ndim == 4:  # Conv: OIHW -> HWIO
-            return (*path, "kernel"), np.transpose(value, (2, 3, 1, 0))
-        if value.ndim == 1:  # GroupNorm
-            return (*path, "scale"), value
-        return (*path, "kernel"), value.T  # Linear: [out, in] -> [in, out]
+        leaf, value = flax_leaf(tuple(path), value)  # Conv, Linear, GroupNorm
     return (*path, leaf), value
 
 
@@ -84,11 +81,7 @@ def diffusers_state_dict_from_flax(params) -> dict:
     for path, v in traverse_util.flatten_dict(params).items():
         v = np.asarray(v, np.float32)
         *mods, leaf = path
-        if leaf == "kernel":
-            v = np.transpose(v, (3, 2, 0, 1)) if v.ndim == 4 else v.T
-            leaf = "weight"
-        elif leaf == "scale":
-            leaf = "weight"
+        leaf, v = torch_leaf(leaf, v)
         key = re.sub(r"_(\d+)(?=\.)", r".\1", ".".join((*mods, leaf)))
         out[key] = np.ascontiguousarray(v)
     return out

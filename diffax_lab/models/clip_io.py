@@ -24,6 +24,7 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from diffax_lab.models.clip import CLIP, CLIPConfig
+from diffax_lab.models.torch_layout import flax_leaf, torch_leaf
 
 WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -37,13 +38,7 @@ def _flax_key(hf_key: str, value: np.ndarray):
     parts = re.sub(r"\.layers\.(\d+)\.", r".layers_\1.", hf_key).split(".")
     *path, leaf = parts
     if leaf == "weight":
-        if value.ndim == 4:  # Conv: OIHW -> HWIO
-            return (*path, "kernel"), np.transpose(value, (2, 3, 1, 0))
-        if value.ndim == 1:  # LayerNorm
-            return (*path, "scale"), value
-        if path[-1].endswith("_embedding"):
-            return (*path, "embedding"), value
-        return (*path, "kernel"), value.T  # Dense: [out, in] -> [in, out]
+        leaf, value = flax_leaf(tuple(path), value)  # Conv, Dense, LayerNorm, embeddings
     return (*path, leaf), value
 
 
@@ -64,11 +59,7 @@ def hf_state_dict_from_flax(params) -> dict:
     for path, v in traverse_util.flatten_dict(params).items():
         v = np.asarray(v, np.float32)
         *mods, leaf = path
-        if leaf == "kernel":
-            v = np.transpose(v, (3, 2, 0, 1)) if v.ndim == 4 else v.T
-            leaf = "weight"
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
+        leaf, v = torch_leaf(leaf, v)
         key = ".".join((*mods, leaf))
         # np.array, not np.ascontiguousarray: the latter turns the scalar logit_scale 1-D.
         out[re.sub(r"\.layers_(\d+)\.", r".layers.\1.", key)] = np.array(v, order="C")

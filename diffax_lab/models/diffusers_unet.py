@@ -42,6 +42,7 @@ from diffax_lab.models.diffusers_config import (
     scheduler_config_to_lab,
     unet_config_to_lab,
 )
+from diffax_lab.models.torch_layout import kernel_from_torch, kernel_to_torch
 from diffax_lab.models.unet import UNet
 
 __all__ = [
@@ -154,19 +155,15 @@ def _entries(param_shapes: dict, num_levels: int) -> list[_Entry]:
 
 
 def _to_lab(arrays: list[np.ndarray], leaf: str) -> np.ndarray:
-    if leaf == "kernel" and arrays[0].ndim == 4:
-        arrays = [a.transpose(2, 3, 1, 0) for a in arrays]
-    elif leaf == "kernel":
-        arrays = [a.T for a in arrays]
+    if leaf == "kernel":
+        arrays = [kernel_from_torch(a) for a in arrays]
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
 
 
 def _to_torch(array: np.ndarray, leaf: str, parts: int) -> list[np.ndarray]:
     pieces = np.split(array, parts, axis=-1) if parts > 1 else [array]
-    if leaf == "kernel" and array.ndim == 4:
-        pieces = [p.transpose(3, 2, 0, 1) for p in pieces]
-    elif leaf == "kernel":
-        pieces = [p.T for p in pieces]
+    if leaf == "kernel":
+        pieces = [kernel_to_torch(p) for p in pieces]
     return [np.ascontiguousarray(p, np.float32) for p in pieces]
 
 

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffax_lab.models.torch_layout import kernel_from_torch
+
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's hash prefix in pytorch-fid's file name
 INPUT_SIZE = 299
@@ -299,7 +301,7 @@ def _variables_from_arrays(arrays: dict[str, np.ndarray], path: str) -> dict:
             )
         a = arrays[key]
         if leaf == "kernel":
-            a = a.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+            a = kernel_from_torch(a)  # [out, in, kh, kw] -> [kh, kw, in, out]
         flat[(col, *mods, leaf)] = jnp.asarray(a, jnp.float32)
     extra = sorted(k for k in arrays if k not in expected and not UNUSED_KEY.search(k))
     if extra:
