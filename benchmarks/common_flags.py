@@ -6,7 +6,7 @@ benchmark reports its JSON result (``print_json``)."""
 import json
 import os
 
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 
@@ -26,6 +26,14 @@ def print_json(result: dict, out: str = "", indent: int = 1) -> None:
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+def check_choices(flag: str, given, known) -> None:
+    """Refuses (absl ``UsageError``) any of ``given``, the values of list flag ``--flag``,
+    that is not in ``known``, naming them and the choices."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise app.UsageError(f"--{flag}: unknown {unknown}; choose from {list(known)}.")
 
 
 def define_runtime_flag():

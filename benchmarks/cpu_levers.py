@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common_flags import (
+    check_choices,
     configure_runtime,
     define_measurement_flags,
     define_runtime_flag,
@@ -141,9 +142,7 @@ def main(argv):
     runtime = configure_runtime()
     from benchmarks.cpu_profile import convolution_placement, timed
 
-    unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
-    if unknown:
-        raise app.UsageError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}.")
+    check_choices("variants", FLAGS.variants, VARIANTS)
     built = {
         name: build(FLAGS.config, FLAGS.forward_batch, **VARIANTS[name]) for name in FLAGS.variants
     }

@@ -29,7 +29,12 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common_flags import PEER_STEPS, define_measurement_flags, define_peer_step_flag
+from benchmarks.common_flags import (
+    PEER_STEPS,
+    check_choices,
+    define_measurement_flags,
+    define_peer_step_flag,
+)
 
 FLAGS = flags.FLAGS
 
@@ -253,9 +258,7 @@ def main(argv):
     from diffusers import UNet2DModel
 
     config = FLAGS.config
-    bad = set(FLAGS.modes) - set(MODES)
-    if bad:
-        raise app.UsageError(f"--modes {sorted(bad)} unknown; choose from {MODES}.")
+    check_choices("modes", FLAGS.modes, MODES)
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
     dev = setup_torch(torch)

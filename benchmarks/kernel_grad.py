@@ -46,6 +46,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common_flags import (
+    check_choices,
     configure_runtime,
     define_measurement_flags,
     define_runtime_flag,
@@ -221,9 +222,7 @@ def main(argv):
     runtime = configure_runtime()
     from benchmarks.cpu_profile import timed
 
-    unknown = sorted(set(FLAGS.formulations) - set(NAMES))
-    if unknown:
-        raise app.UsageError(f"--formulations: unknown {unknown}; choose from {list(NAMES)}.")
+    check_choices("formulations", FLAGS.formulations, NAMES)
     torch = None
     if FLAGS.torch:
         import torch

@@ -318,3 +318,15 @@ def test_convolution_placement_reads_where_xla_runs_each_convolution():
         "xla": {"kernel_gradient": 1, "other": 0},
         "ynnpack": {"kernel_gradient": 0, "other": 1},
     }
+
+
+def test_list_flags_refuse_unknown_choices_by_name():
+    """common_flags.check_choices, the one check behind --variants, --formulations and
+    --modes: known values pass; unknown ones are refused, named, with the choices."""
+    from absl import app
+
+    from benchmarks.common_flags import check_choices
+
+    check_choices("modes", ["fp32", "bf16"], ("fp32", "bf16", "bf16_compile"))
+    with pytest.raises(app.UsageError, match=r"--modes: unknown \['fp8'\]; choose from \['fp32'"):
+        check_choices("modes", ["fp32", "fp8"], ("fp32", "bf16"))
