@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from diffax_lab.errors import WorkdirError
+from diffax_lab.files import write_atomic
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -92,10 +93,7 @@ class Checkpointer:
         digest = state_digest(state)
         if jax.process_index() == 0:
             os.makedirs(self.digest_dir, exist_ok=True)
-            tmp = self._digest_path(step) + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(digest, f)
-            os.replace(tmp, self._digest_path(step))
+            write_atomic(self._digest_path(step), json.dumps(digest))
         self._saved_steps.add(step)
         self.manager.save(step, args=ocp.args.StandardSave(state))
         self._drop_stale_digests()

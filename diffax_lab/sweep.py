@@ -45,6 +45,7 @@ from ml_collections import ConfigDict
 from diffax_lab import compilation, config_lib
 from diffax_lab import workdir as workdir_lib
 from diffax_lab.errors import ConfigError, DataError, WorkdirError
+from diffax_lab.files import write_atomic
 from diffax_lab.modes import evaluate as evaluate_mode
 from diffax_lab.modes import train as train_mode
 
@@ -353,10 +354,7 @@ def write_job(path: str, *, cfg, **job) -> None:
             f"JSON, which cannot hold this value ({e}); use a number, string, bool, None, "
             "or a list or tuple of them."
         ) from e
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _flat(d: dict, prefix: str = ""):

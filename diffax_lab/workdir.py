@@ -21,6 +21,7 @@ from absl import logging
 
 from diffax_lab.config_lib import DEFAULT_CONFIG, load_config, read_saved, with_defaults
 from diffax_lab.errors import WorkdirError
+from diffax_lab.files import write_atomic
 
 # Sections (and fields) that define the shape and meaning of the saved state.
 STATE_DEFINING = (
@@ -129,10 +130,7 @@ def check_resume_compatible(workdir: str, config) -> None:
 
 
 def write_config(workdir: str, config) -> None:
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(config.to_json(indent=2))
-    os.replace(tmp, os.path.join(workdir, "config.json"))  # atomic: never half-written
+    write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2))
 
 
 class WorkdirLock:

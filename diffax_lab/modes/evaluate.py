@@ -14,6 +14,7 @@ from absl import logging
 
 from diffax_lab import evaluators
 from diffax_lab.distributed import is_main_process
+from diffax_lab.files import write_atomic
 from diffax_lab.modes.common import build_evaluators, prepare, restore
 
 
@@ -25,10 +26,7 @@ def write_report(workdir: str, step: int, report: dict, tag: str = "") -> str:
     if not is_main_process():
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=2))
     logging.info("Eval at step %d: %s -> %s", step, report, path)
     return path
 

@@ -35,6 +35,7 @@ from diffax_lab import workdir as workdir_lib
 from diffax_lab.data import pipeline
 from diffax_lab.distributed import is_main_process
 from diffax_lab.errors import DataError, WorkdirError
+from diffax_lab.files import write_atomic
 from diffax_lab.modes.common import build_evaluators, prepare
 from diffax_lab.optimizer import tree_all_finite
 
@@ -65,10 +66,7 @@ class MetricsWriter:
                 keep = [
                     ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step
                 ]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(keep))
         if tensorboard:
             from tensorboardX import SummaryWriter  # checked in modes.common
 

@@ -60,6 +60,7 @@ from diffax_lab.data import pipeline
 from diffax_lab.data.captions import TEMPLATES, class_captions
 from diffax_lab.diffusion import latent, process
 from diffax_lab.errors import ConfigError
+from diffax_lab.files import write_atomic
 from diffax_lab.metrics.features import params_digest, reference_features
 from diffax_lab.models import autoencoder_kl_config, build_unet, compute_dtype
 from diffax_lab.models.autoencoder_kl_io import (
@@ -339,10 +340,7 @@ class LatentDiffusionTask(TokenConditioning, DenoisingTask):
         }
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
-            tmp = self.record_path(workdir) + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=2)
-            os.replace(tmp, self.record_path(workdir))
+            write_atomic(self.record_path(workdir), json.dumps(record, indent=2))
         return scale
 
     def recorded_scale(self, workdir: str) -> float:
