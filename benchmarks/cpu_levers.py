@@ -25,6 +25,11 @@ shared machine's load falls on all alike):
   model.dropout > 0 differ);
 - ``conv_xla``: XLA's convolution for 1x1 convolutions too, instead of a dot
   (``layers.CONV_IMPL_BY_BACKEND``);
+- ``conv_onednn_dw``, ``conv_onednn_dw_2t``, ``conv_onednn_all``: oneDNN's kernel gradients
+  (on one thread, or on PyTorch's), or all three pieces of each 3x3 convolution
+  (PyTorch's threads), inside the step through
+  XLA's FFI (``benchmarks/onednn_ffi.py``; needs PyTorch). Not the lab's choices: they
+  ask whether oneDNN's convolutions would close the gap to PyTorch from inside our step;
 - ``none``: ``no_fusion_options``, ``attention_jax_nn``, ``norm_autodiff``,
   ``dropout_jax_random`` and ``conv_xla`` together.
 
@@ -69,6 +74,9 @@ VARIANTS = {
     "norm_autodiff": {"norm": "autodiff"},
     "dropout_jax_random": {"dropout": "jax"},
     "conv_xla": {"conv": "xla"},
+    "conv_onednn_dw": {"conv": "onednn_dw"},
+    "conv_onednn_dw_2t": {"conv": "onednn_dw_2t"},
+    "conv_onednn_all": {"conv": "onednn_all"},
     "none": {
         "fusions": False,
         "attention": "xla",
@@ -107,6 +115,10 @@ def build(
     from diffax_lab import compilation, config_lib
     from diffax_lab.models import layers
 
+    if conv.startswith("onednn"):
+        from benchmarks import onednn_ffi
+
+        onednn_ffi.register_conv_impls()
     backend = jax.default_backend()
     tables = (
         (layers.ATTENTION_IMPL_BY_BACKEND, attention),

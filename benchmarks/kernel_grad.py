@@ -24,6 +24,10 @@ is computed by every formulation of ``FORMULATIONS``, each compiled with the lab
 - ``shift_gemm``: the padded images flattened to rows, so that a tap's shift is a
   contiguous slice; dy is placed on the same padded grid (zeros elsewhere); nine dots;
 - ``batch_split``: XLA's kernel gradient on each half of the batch, summed;
+- ``onednn_ffi``, ``onednn_ffi_1t``: oneDNN's kernel gradient (PyTorch's) as a custom call
+  inside the compiled program (``benchmarks/onednn_ffi.py``), on ``--threads`` threads or
+  on one (the setting that the whole-step variant ``cpu_levers --variants=conv_onednn_dw``
+  uses);
 - ``gemm_floor``: only the dot of ``patches_t``, its ``[9 C_in, B H W]`` operand built
   beforehand. Not a kernel gradient: the time below which no formulation that ends in
   such a dot can go, since each must build its operand first.
@@ -37,6 +41,7 @@ is checked against ``xla``'s before it is timed (and in tests/test_benchmarks.py
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -135,6 +140,13 @@ def dw_batch_split(x, dy):
     return dw_xla(xs[0], ds[0]) + dw_xla(xs[1], ds[1])
 
 
+def dw_onednn_ffi(x, dy, threads=0):
+    from benchmarks import onednn_ffi
+
+    kernel = (3, 3, x.shape[-1], dy.shape[-1])
+    return onednn_ffi.conv_kernel_grad(x, dy, kernel, (1, 1), (1, 1), threads)
+
+
 FORMULATIONS = {
     "xla": dw_xla,
     "im2col": dw_im2col,
@@ -143,6 +155,8 @@ FORMULATIONS = {
     "patches_t": dw_patches_t,
     "shift_gemm": dw_shift_gemm,
     "batch_split": dw_batch_split,
+    "onednn_ffi": dw_onednn_ffi,
+    "onednn_ffi_1t": functools.partial(dw_onednn_ffi, threads=1),
 }
 NAMES = (*FORMULATIONS, "gemm_floor")  # what --formulations may name
 

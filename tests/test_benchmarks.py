@@ -213,7 +213,7 @@ def test_cpu_levers_builds_each_variant_on_its_own_config_and_restores_the_table
     before = (dict(layers.CONV_IMPL_BY_BACKEND), compilation.CPU_YNN_FUSIONS)
     config = config_lib.load_config("configs/ddpm.py:tiny")
     names = ("relu_activation", "no_norm", "conv_xla", "no_reduce_fusion", "ynn_convolutions")
-    for name in (*names, "ynn_eltwise", "all"):
+    for name in (*names, "ynn_eltwise", "conv_onednn_dw", "all"):
         cpu_levers.build(config, 4, **cpu_levers.VARIANTS[name])
     # The lab's train-step set has REDUCE, and neither INDIVIDUAL_CONVOLUTION nor ELTWISE;
     # one variant takes REDUCE out, the two others each add one of the latter.
@@ -230,8 +230,10 @@ def test_cpu_levers_builds_each_variant_on_its_own_config_and_restores_the_table
         ("silu", "group", "lab", False, False, False),
         ("silu", "group", "lab", True, True, False),
         ("silu", "group", "lab", True, False, True),
+        ("silu", "group", "onednn_dw", True, False, False),  # registered by build
         lab,
     ]
+    assert "onednn_dw" in layers.CONV_IMPLS
     assert (config.model.activation, config.model.norm) == ("silu", "group")
     assert (dict(layers.CONV_IMPL_BY_BACKEND), compilation.CPU_YNN_FUSIONS) == before
 
@@ -330,3 +332,54 @@ def test_list_flags_refuse_unknown_choices_by_name():
     check_choices("modes", ["fp32", "bf16"], ("fp32", "bf16", "bf16_compile"))
     with pytest.raises(app.UsageError, match=r"--modes: unknown \['fp8'\]; choose from \['fp32'"):
         check_choices("modes", ["fp32", "fp8"], ("fp32", "bf16"))
+
+
+@pytest.mark.parametrize("impl", ["onednn_dw", "onednn_all"])
+@pytest.mark.parametrize(
+    "kwargs, custom_call",
+    [
+        (dict(features=5, kernel_size=(3, 3)), True),
+        (dict(features=4, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), True),
+        # asymmetric padding: oneDNN's call takes symmetric padding, so XLA's runs
+        (dict(features=4, kernel_size=(3, 3), strides=(2, 2), padding=((0, 1), (0, 1))), False),
+        (dict(features=3, kernel_size=(1, 1)), False),  # 1x1: one dot, as "lab"
+    ],
+)
+def test_onednn_ffi_convolutions_compute_nn_convs_values_and_gradients(impl, kwargs, custom_call):
+    """benchmarks/onednn_ffi.py: oneDNN's convolution pieces, as custom calls inside the
+    compiled program, give nn.Conv's outputs and gradients (input and kernel), and run
+    where they are meant to (the program names the custom call, or does not)."""
+    import flax.linen as nn
+
+    from benchmarks import onednn_ffi
+    from diffax_lab.models.layers import Conv
+
+    onednn_ffi.register_conv_impls()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
+    ref, ours = nn.Conv(**kwargs), Conv(impl=impl, **kwargs)
+    params = ref.init(jax.random.PRNGKey(1), x)
+
+    def outputs_and_grads(m):
+        loss = lambda p, x: (m.apply(p, x) ** 2).sum()  # noqa: E731
+        return jax.jit(lambda p, x: (m.apply(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))
+
+    (y_ref, g_ref), (y, g) = outputs_and_grads(ref)(params, x), outputs_and_grads(ours)(params, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ref, g)
+    text = outputs_and_grads(ours).lower(params, x).as_text()
+    assert ("diffax_onednn_dw" in text) == custom_call
+    assert ("diffax_onednn_fwd" in text) == (custom_call and impl == "onednn_all")
+
+
+def test_onednn_ffi_handler_failure_raises_instead_of_leaving_the_output_unwritten():
+    """A Python exception in an FFI handler reaches the caller as XLA's error, with its
+    message; the program does not return an output buffer nobody wrote."""
+    from benchmarks import onednn_ffi
+
+    def fails(ins, outs):
+        raise RuntimeError("oneDNN was not reached")
+
+    onednn_ffi._register("diffax_test_failing_target", fails)
+    call = jax.ffi.ffi_call("diffax_test_failing_target", jax.ShapeDtypeStruct((3,), np.float32))
+    with pytest.raises(Exception, match="oneDNN was not reached"):
+        jax.block_until_ready(jax.jit(call)(jnp.ones((3,), jnp.float32)))

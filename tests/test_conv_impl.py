@@ -98,3 +98,31 @@ def test_bf16_pointwise_dot_keeps_nn_conv_dtype():
     params = ref.init(jax.random.PRNGKey(0), x)
     assert Conv(3, (1, 1), dtype=jnp.bfloat16, impl="lab").apply(params, x).dtype == jnp.bfloat16
     assert ours.apply(params, x).dtype == ref.apply(params, x).dtype
+
+
+def test_a_registered_impl_replaces_xlas_convolution_but_not_the_1x1_dot(monkeypatch):
+    """layers.register_conv_impl: the function runs for the 2-D convolutions beyond 1x1
+    (with nn.Conv's parameters, strides and explicit pads), 1x1 ones stay dots as "lab",
+    and a built-in name cannot be taken."""
+    from diffax_lab.models import layers
+
+    monkeypatch.setattr(layers, "CONV_IMPLS", {})
+    calls = []
+
+    def mine(x, kernel, strides, pads, precision):
+        calls.append((kernel.shape, strides, pads))
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)
+
+    layers.register_conv_impl("mine", mine)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
+    _matches_nn_conv(dict(features=4, kernel_size=(3, 3), strides=(2, 2)), "mine")
+    assert ((3, 3, 3, 4), (2, 2), ((1, 1), (0, 1))) in calls  # SAME on 9 x 8, made explicit
+    calls.clear()
+    m = Conv(features=2, kernel_size=(1, 1), impl="mine")
+    jaxpr = str(jax.make_jaxpr(lambda p: m.apply(p, x))(m.init(jax.random.PRNGKey(0), x)))
+    assert not calls and "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+    with pytest.raises(ValueError, match="built in"):
+        layers.register_conv_impl("lab", mine)
+    with pytest.raises(ValueError, match="'mine'"):  # the error lists what is registered
+        Conv(features=2, kernel_size=(3, 3), impl="winograd").init(jax.random.PRNGKey(0), x)

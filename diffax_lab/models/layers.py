@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -87,6 +88,21 @@ def space_to_depth(x, factor: int = 2):
 # kernel gradient as a convolution with an image-sized window, up to 3.7x slower than the
 # dot (benchmarks/conv_cap.py --pieces, docs/BENCHMARKS.md). GPUs and TPUs keep XLA's.
 CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": "xla"}
+
+# Convolution implementations beyond the built-in ones, by name, for ``Conv(impl=name)`` or
+# a ``CONV_IMPL_BY_BACKEND`` entry: ``fn(x, kernel, strides, pads, precision) -> y`` for an
+# NHWC x, HWIO kernel, 2-D strides and explicit (lo, hi) pads, no dilation, one group.
+# Like "lab", 1x1 convolutions stay one dot. benchmarks/onednn_ffi.py registers oneDNN's
+# convolutions this way, without a change to the model code.
+CONV_IMPLS: dict[str, Callable] = {}
+_BUILTIN_CONV_IMPLS = ("xla", "im2col", "lab")
+
+
+def register_conv_impl(name: str, fn: Callable) -> None:
+    """Makes ``fn`` (the signature of ``CONV_IMPLS``) the convolution ``impl=name``."""
+    if name in _BUILTIN_CONV_IMPLS or name == "auto":
+        raise ValueError(f"Conv impl {name!r} is built in; register another name.")
+    CONV_IMPLS[name] = fn
 
 
 # Attention implementation per backend, read at trace time by ``dot_product_attention``.
@@ -274,7 +290,9 @@ class Conv(nn.Conv):
 
     ``impl``: "xla" (lax.conv_general_dilated, nn.Conv itself), "im2col" (patches @ kernel,
     2-D, ungrouped, undilated convolutions only; the rest fall back to "xla"), "lab" (1x1
-    convolutions with stride 1 and no padding as [N, in] @ [in, out], the rest "xla"), or
+    convolutions with stride 1 and no padding as [N, in] @ [in, out], the rest "xla"), a
+    name of ``CONV_IMPLS`` ("lab" with that function in place of XLA's convolution for the
+    same 2-D convolutions as "im2col"), or
     "auto" (``CONV_IMPL_BY_BACKEND[jax.default_backend()]`` at trace time). The parameters
     (``kernel`` [kh, kw, in, out], ``bias`` [out]) and their initial values are nn.Conv's,
     so checkpoints and the diffusers weight mapping do not see the difference.
@@ -287,10 +305,13 @@ class Conv(nn.Conv):
         impl = self.impl
         if impl == "auto":
             impl = CONV_IMPL_BY_BACKEND.get(jax.default_backend(), "xla")
-        if impl not in ("xla", "im2col", "lab"):
+        if impl not in _BUILTIN_CONV_IMPLS and impl not in CONV_IMPLS:
+            known = ", ".join(repr(n) for n in ("auto", *_BUILTIN_CONV_IMPLS, *CONV_IMPLS))
             raise ValueError(
-                f"Conv impl must be 'auto', 'xla', 'im2col' or 'lab', got {self.impl!r}."
+                f"Conv impl must be one of {known}, got {impl!r} (register another with "
+                "layers.register_conv_impl)."
             )
+        registered = CONV_IMPLS.get(impl)  # None for the built-in ones
         ks = tuple(self.kernel_size)
         simple = (
             len(ks) == 2
@@ -320,7 +341,7 @@ class Conv(nn.Conv):
             else None
         )
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        if impl == "lab":  # 1x1: a dot over the channels
+        if pointwise and impl != "im2col":  # "lab" or registered, 1x1: a dot over the channels
             flat = inputs.reshape(-1, cin)
             y = jnp.dot(flat, kernel.reshape(cin, self.features), precision=self.precision)
             y = y.reshape(*inputs.shape[:-1], self.features)
@@ -329,7 +350,11 @@ class Conv(nn.Conv):
             pads = jax.lax.padtype_to_pads(inputs.shape[1:3], ks, strides, self.padding)
         else:
             pads = nn.linear.canonicalize_padding(self.padding, 2)
-        y = _im2col_conv(inputs, kernel, strides, tuple(tuple(p) for p in pads))
+        pads = tuple(tuple(int(a) for a in p) for p in pads)
+        if registered is not None:
+            y = registered(inputs, kernel, strides, pads, self.precision)
+        else:
+            y = _im2col_conv(inputs, kernel, strides, pads)
         return y if bias is None else y + bias
 
 
