@@ -27,9 +27,9 @@ shared machine's load falls on all alike):
   (``layers.CONV_IMPL_BY_BACKEND``);
 - ``conv_onednn_dw``, ``conv_onednn_dw_2t``, ``conv_onednn_all``: oneDNN's kernel gradients
   (on one thread, or on PyTorch's), or all three pieces of each 3x3 convolution
-  (PyTorch's threads), inside the step through
-  XLA's FFI (``benchmarks/onednn_ffi.py``; needs PyTorch). Not the lab's choices: they
-  ask whether oneDNN's convolutions would close the gap to PyTorch from inside our step;
+  (PyTorch's threads), inside the step through XLA's FFI (``benchmarks/onednn_ffi.py``;
+  needs PyTorch). Not the lab's choices: they ask whether oneDNN's convolutions would
+  close the gap to PyTorch from inside our step;
 - ``none``: ``no_fusion_options``, ``attention_jax_nn``, ``norm_autodiff``,
   ``dropout_jax_random`` and ``conv_xla`` together.
 
