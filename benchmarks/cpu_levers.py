@@ -1,7 +1,8 @@
 """What each CPU lever of the lab is worth: train and forward images/s with one lever off.
 
     python -m benchmarks.cpu_levers --config=configs/ddpm.py:tiny [--forward_batch=64] \
-        [--iters=10] [--rounds=3] [--variants=all,dropout_jax_random] [--out=FILE]
+        [--iters=10] [--rounds=3] [--variants=all,dropout_jax_random] [--peer] \
+        [--warmup_rounds=1] [--out=FILE]
 
 Variants, all built in this one process and timed alternately round by round (so that a
 shared machine's load falls on all alike):
@@ -30,8 +31,16 @@ shared machine's load falls on all alike):
   (PyTorch's threads), inside the step through XLA's FFI (``benchmarks/onednn_ffi.py``;
   needs PyTorch). Not the lab's choices: they ask whether oneDNN's convolutions would
   close the gap to PyTorch from inside our step;
+- ``conv_xla_onednn``, ``conv_xla_onednn_all``: XLA:CPU's own oneDNN convolution thunk,
+  on XLA's threads, for the forward and input gradient (``_all``: the kernel gradient
+  too; ``benchmarks/xla_onednn.py``). Not the lab's choices either: XLA cannot serialize
+  such programs, so they turn JAX's persistent compilation cache off for the process;
 - ``none``: ``no_fusion_options``, ``attention_jax_nn``, ``norm_autodiff``,
   ``dropout_jax_random`` and ``conv_xla`` together.
+
+``--peer`` times the PyTorch peer (``cpu_profile``'s full step) in each round too and
+reports each variant's ratio to it, round by round; ``--warmup_rounds`` are timed first
+and left out of the medians (in the first, the process's heap is still growing).
 
 Two diagnostics change the network instead of a lever, to price a part of it in the
 whole step (they are not the lab's choices): ``relu_activation`` (``model.activation``
@@ -77,6 +86,8 @@ VARIANTS = {
     "conv_onednn_dw": {"conv": "onednn_dw"},
     "conv_onednn_dw_2t": {"conv": "onednn_dw_2t"},
     "conv_onednn_all": {"conv": "onednn_all"},
+    "conv_xla_onednn": {"conv": "xla_onednn"},
+    "conv_xla_onednn_all": {"conv": "xla_onednn_all"},
     "none": {
         "fusions": False,
         "attention": "xla",
@@ -94,6 +105,12 @@ def define_flags():
     define_runtime_flag()
     flags.DEFINE_integer("rounds", 3, "Alternating rounds over the variants.")
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to build, of {list(VARIANTS)}.")
+    flags.DEFINE_bool(
+        "peer", False, "Also time the PyTorch peer (cpu_profile's, full step) in each round."
+    )
+    flags.DEFINE_integer(
+        "warmup_rounds", 0, "Rounds timed first and left out (the heap grows in the first)."
+    )
     flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 
@@ -119,6 +136,11 @@ def build(
         from benchmarks import onednn_ffi
 
         onednn_ffi.register_conv_impls()
+    if conv.startswith("xla_onednn"):
+        from benchmarks import xla_onednn
+
+        xla_onednn.persistent_cache_off()
+        xla_onednn.register_conv_impls()
     backend = jax.default_backend()
     tables = (
         (layers.ATTENTION_IMPL_BY_BACKEND, attention),
@@ -158,14 +180,26 @@ def main(argv):
     built = {
         name: build(FLAGS.config, FLAGS.forward_batch, **VARIANTS[name]) for name in FLAGS.variants
     }
+    peer = None
+    if FLAGS.peer:
+        from benchmarks.cpu_profile import Peer
+
+        peer = Peer(FLAGS.config, FLAGS.forward_batch, "full")
     rounds = []
-    for _ in range(FLAGS.rounds):
+    for i in range(FLAGS.warmup_rounds + FLAGS.rounds):
         r = {}
         for name, ours in built.items():
             r[f"{name}_train"] = ours.B / timed(ours.train, FLAGS.iters)
             r[f"{name}_forward"] = ours.Bf / timed(ours.forward, FLAGS.iters)
-        rounds.append(r)
-        print(json.dumps({k: round(v, 1) for k, v in r.items()}), flush=True)
+        if peer is not None:
+            r["torch_train"] = peer.B / timed(peer.train, FLAGS.iters)
+            r["torch_forward"] = peer.Bf / timed(peer.forward, FLAGS.iters)
+            for name in built:
+                for k in ("train", "forward"):
+                    r[f"{name}_ratio_{k}"] = r[f"{name}_{k}"] / r[f"torch_{k}"]
+        if i >= FLAGS.warmup_rounds:
+            rounds.append(r)
+        print(json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
     result = {
         "train_batch": next(iter(built.values())).B,
         "forward_batch": FLAGS.forward_batch,
@@ -173,6 +207,7 @@ def main(argv):
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_runtime": runtime,
         "median": {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]},
+        "range": {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]},
         # Where each variant's train step runs its convolutions (XLA's own or YNNPACK's).
         "train_convolutions": {
             name: convolution_placement(ours.step.as_text()) for name, ours in built.items()

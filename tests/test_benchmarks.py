@@ -383,3 +383,124 @@ def test_onednn_ffi_handler_failure_raises_instead_of_leaving_the_output_unwritt
     call = jax.ffi.ffi_call("diffax_test_failing_target", jax.ShapeDtypeStruct((3,), np.float32))
     with pytest.raises(Exception, match="oneDNN was not reached"):
         jax.block_until_ready(jax.jit(call)(jnp.ones((3,), jnp.float32)))
+
+
+@pytest.fixture
+def persistent_cache_off():
+    """JAX's persistent compilation cache off for one test (benchmarks/xla_onednn.py's
+    programs cannot be serialized), back as it was afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()  # JAX decides once per process whether to use the cache, until reset
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+    cc.reset_cache()
+
+
+@pytest.mark.parametrize("impl", ["xla_onednn", "xla_onednn_all"])
+@pytest.mark.parametrize(
+    "kwargs, pieces",
+    [
+        # forward, input and kernel gradients (8 output features: oneDNN's kernel gradient)
+        (dict(features=8, kernel_size=(3, 3)), "fxw"),
+        # stride 2: the input gradient stays XLA's
+        (dict(features=8, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), "fw"),
+        # asymmetric padding, read as it is; 5 output features: XLA's kernel gradient
+        (dict(features=5, kernel_size=(3, 3), padding=((0, 2), (1, 0))), "fx"),
+        (dict(features=3, kernel_size=(1, 1)), ""),  # 1x1: one dot, as "lab"
+    ],
+)
+def test_xla_onednn_convolutions_compute_nn_convs_values_and_gradients(
+    impl, kwargs, pieces, persistent_cache_off
+):
+    """benchmarks/xla_onednn.py: XLA:CPU's oneDNN convolution thunk, as the forward,
+    input-gradient and kernel-gradient convolutions built there, gives nn.Conv's outputs
+    and gradients; the program calls it once for each piece it applies to."""
+    import flax.linen as nn
+
+    from benchmarks import xla_onednn
+    from diffax_lab.models.layers import Conv
+
+    xla_onednn.register_conv_impls()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
+    ref, ours = nn.Conv(**kwargs), Conv(impl=impl, **kwargs)
+    params = ref.init(jax.random.PRNGKey(1), x)
+
+    def outputs_and_grads(m):
+        loss = lambda p, x: (m.apply(p, x) ** 2).sum()  # noqa: E731
+        return jax.jit(lambda p, x: (m.apply(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))
+
+    (y_ref, g_ref), (y, g) = outputs_and_grads(ref)(params, x), outputs_and_grads(ours)(params, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ref, g)
+    expected = len(pieces if impl == "xla_onednn_all" else pieces.replace("w", ""))
+    # the forward runs twice: in the output and in the gradient's forward pass
+    expected += "f" in pieces
+    text = outputs_and_grads(ours).lower(params, x).as_text()
+    assert text.count(xla_onednn.TARGET) == expected
+
+
+def test_xla_onednn_refuses_to_trace_with_the_persistent_cache_on(tmp_path):
+    """XLA cannot serialize a program with the oneDNN thunk, so with JAX's persistent cache
+    on, the convolution says so when traced, before anything compiles or is written."""
+    from benchmarks import xla_onednn
+
+    impl = xla_onednn.conv_impl("f")
+    x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", before[1] or str(tmp_path))
+    try:
+        assert xla_onednn.persistent_cache_on()
+        with pytest.raises(RuntimeError, match=r"persistent_cache_off\(\)"):
+            jax.jit(lambda x, k: impl(x, k, (1, 1), ((1, 1), (1, 1)), None)).lower(x, k)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before[0])
+        jax.config.update("jax_compilation_cache_dir", before[1])
+
+
+def test_xla_onednn_says_so_when_this_jaxlib_does_not_run_its_convolution(
+    monkeypatch, persistent_cache_off
+):
+    """Where the subprocess probe failed (another XLA's config conventions, or no oneDNN),
+    tracing stops with what the probe printed instead of aborting in oneDNN."""
+    from benchmarks import xla_onednn
+
+    monkeypatch.setitem(xla_onednn._probe, "result", (False, "XLA is not built with oneDNN."))
+    impl = xla_onednn.conv_impl("fx")
+    x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="does not run the oneDNN convolution.*not built"):
+        jax.jit(lambda x, k: impl(x, k, (1, 1), ((1, 1), (1, 1)), None)).lower(x, k)
+
+
+def test_xla_onednn_persistent_cache_off_stops_writes_in_a_process_that_used_the_cache(tmp_path):
+    """JAX decides once per process whether to use the persistent cache; turning it off
+    must undo that decision, or a later program with the oneDNN thunk would be written."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    from benchmarks import xla_onednn
+
+    before = (
+        jax.config.jax_enable_compilation_cache,
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    try:
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        cc.reset_cache()
+        jax.jit(lambda x: x * 2 + 1)(jnp.arange(3.0)).block_until_ready()
+        written = sorted(tmp_path.iterdir())
+        assert written  # the cache was in use
+        xla_onednn.persistent_cache_off()
+        assert not xla_onednn.persistent_cache_on()
+        jax.jit(lambda x: x * 3 - 1)(jnp.arange(3.0)).block_until_ready()
+        assert sorted(tmp_path.iterdir()) == written
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before[0])
+        jax.config.update("jax_compilation_cache_dir", before[1])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[2])
+        cc.reset_cache()

@@ -92,8 +92,9 @@ CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": "xla"
 # Convolution implementations beyond the built-in ones, by name, for ``Conv(impl=name)`` or
 # a ``CONV_IMPL_BY_BACKEND`` entry: ``fn(x, kernel, strides, pads, precision) -> y`` for an
 # NHWC x, HWIO kernel, 2-D strides and explicit (lo, hi) pads, no dilation, one group.
-# Like "lab", 1x1 convolutions stay one dot. benchmarks/onednn_ffi.py registers oneDNN's
-# convolutions this way, without a change to the model code.
+# Like "lab", 1x1 convolutions stay one dot. benchmarks/onednn_ffi.py (PyTorch's oneDNN)
+# and benchmarks/xla_onednn.py (XLA:CPU's own oneDNN thunk) register oneDNN's convolutions
+# this way, without a change to the model code.
 CONV_IMPLS: dict[str, Callable] = {}
 _BUILTIN_CONV_IMPLS = ("xla", "im2col", "lab")
 
