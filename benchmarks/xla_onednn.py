@@ -27,9 +27,9 @@ training step, each a forward convolution of some operands:
 - ``xla_onednn``: forward and input gradient oneDNN's, the kernel gradient XLA's;
 - ``xla_onednn_all``: the kernel gradient oneDNN's too.
 
-Convolutions the pieces do not cover (not float32; an input gradient with stride > 1 or
-padding beyond ``k - 1``; a kernel gradient with fewer than ``MIN_KERNEL_GRAD_FEATURES``
-output features, where oneDNN's was slower) keep XLA's for that piece.
+Convolutions the pieces do not cover keep XLA's: not float32, or negative padding (all
+pieces); an input gradient with stride > 1 or padding beyond ``k - 1``; a kernel gradient
+with fewer than ``MIN_KERNEL_GRAD_FEATURES`` output features, where oneDNN's was slower.
 ``benchmarks/cpu_levers.py`` prices them in the whole step (variants
 ``conv_xla_onednn`` and ``conv_xla_onednn_all``); this module's CLI times each piece of
 each distinct convolution of a config's network alone. docs/BENCHMARKS.md has the figures
@@ -286,7 +286,8 @@ def conv_impl(pieces: str):
     conv.defvjp(_fwd, _bwd)
 
     def impl(x, kernel, strides, pads, precision):
-        if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        negative = any(int(p) < 0 for pair in pads for p in pair)  # cropping: not oneDNN's
+        if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or negative:
             return _lax_conv(x, kernel, strides, pads, precision)
         _check_usable()
         strides = tuple(int(s) for s in strides)

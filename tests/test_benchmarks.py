@@ -417,6 +417,8 @@ def persistent_cache_off():
         # asymmetric padding, read as it is; 5 output features: XLA's kernel gradient
         (dict(features=5, kernel_size=(3, 3), padding=((0, 2), (1, 0))), "fx"),
         (dict(features=3, kernel_size=(1, 1)), ""),  # 1x1: one dot, as "lab"
+        # negative padding (cropping): XLA's whole
+        (dict(features=8, kernel_size=(3, 3), padding=((-1, 1), (1, 1))), ""),
     ],
 )
 def test_xla_onednn_convolutions_compute_nn_convs_values_and_gradients(
