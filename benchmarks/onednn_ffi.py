@@ -301,49 +301,36 @@ def conv_kernel_grad(x, dy, kernel_shape, strides=(1, 1), padding=(1, 1), thread
     return _call("dw", fn, kernel_shape, tuple(strides), tuple(padding), threads, x, dy)
 
 
-def _lax_conv(x, kernel, strides, pads, precision):
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
-    )
-
-
 def conv_impl(pieces: str, threads: int):
     """A ``layers.CONV_IMPLS`` function: the convolution with the ``pieces`` ("f" forward,
     "x" input gradient, "w" kernel gradient) by oneDNN on ``threads`` threads, the others
     XLA's. Convolutions oneDNN cannot take as they are (asymmetric padding, not float32)
     stay XLA's whole."""
+    from diffax_lab.models import layers
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-    def conv(x, kernel, strides, pads, precision):
-        return _fwd(x, kernel, strides, pads, precision)[0]
+    def forward(x, kernel, strides, pads):
+        shape = jax.eval_shape(lambda: layers.xla_conv(x, kernel, strides, pads)).shape
+        return conv_forward(x, kernel, shape, strides, _sym(pads), threads)
 
-    def _fwd(x, kernel, strides, pads, precision):
-        if "f" in pieces:
-            shape = jax.eval_shape(lambda: _lax_conv(x, kernel, strides, pads, precision)).shape
-            y = conv_forward(x, kernel, shape, strides, _sym(pads), threads)
-        else:
-            y = _lax_conv(x, kernel, strides, pads, precision)
-        return y, (x, kernel)
-
-    def _bwd(strides, pads, precision, res, g):
-        x, kernel = res
-        if "x" in pieces:
-            dx = conv_input_grad(g, kernel, x.shape, strides, _sym(pads), threads)
-        else:
-            dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, precision), x)[1](g)[0]
-        if "w" in pieces:
-            dw = conv_kernel_grad(x, g, kernel.shape, strides, _sym(pads), threads)
-        else:
-            dw = jax.vjp(lambda k: _lax_conv(x, k, strides, pads, precision), kernel)[1](g)[0]
-        return dx, dw
-
-    conv.defvjp(_fwd, _bwd)
+    conv = layers.conv_from_pieces(
+        forward if "f" in pieces else None,
+        (
+            (lambda g, k, x_shape, s, p: conv_input_grad(g, k, x_shape, s, _sym(p), threads))
+            if "x" in pieces
+            else None
+        ),
+        (
+            (lambda x, g, k_shape, s, p: conv_kernel_grad(x, g, k_shape, s, _sym(p), threads))
+            if "w" in pieces
+            else None
+        ),
+    )
 
     def impl(x, kernel, strides, pads, precision):
         symmetric = all(lo == hi for lo, hi in pads)
         if not symmetric or x.dtype != np.float32 or kernel.dtype != np.float32:
-            return _lax_conv(x, kernel, strides, pads, precision)
-        return conv(x, kernel, tuple(strides), tuple(map(tuple, pads)), precision)
+            return layers.xla_conv(x, kernel, strides, pads, precision)
+        return conv(x, kernel, strides, pads, precision)
 
     return impl
 

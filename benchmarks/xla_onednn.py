@@ -56,7 +56,6 @@ therefore probes once, in a subprocess, that a convolution built here matches
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -176,12 +175,6 @@ def kernel_grad(x, dy, kernel_shape, strides, pads):
     return out.transpose(1, 2, 0, 3)
 
 
-def _lax_conv(x, kernel, strides, pads, precision=None):
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
-    )
-
-
 def persistent_cache_on() -> bool:
     return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
 
@@ -202,11 +195,12 @@ import jax
 jax.config.update("jax_enable_compilation_cache", False)
 import numpy as np
 from benchmarks import xla_onednn as m
+from diffax_lab.models.layers import xla_conv
 x = np.random.default_rng(0).normal(size=(2, 6, 5, 3)).astype(np.float32)
 k = np.random.default_rng(1).normal(size=(3, 3, 3, 4)).astype(np.float32)
 pads = ((1, 1), (1, 1))
 y = jax.jit(lambda x, k: m.forward(x, k, (1, 1), pads))(x, k)
-ref = m._lax_conv(x, k, (1, 1), pads)
+ref = xla_conv(x, k, (1, 1), pads)
 print("MATCH" if np.allclose(y, ref, rtol=1e-4, atol=1e-4) else "MISMATCH")
 """
 
@@ -251,47 +245,30 @@ def conv_impl(pieces: str):
     """A ``layers.CONV_IMPLS`` function: the pieces in ``pieces`` ("f" forward, "x" input
     gradient, "w" kernel gradient) by XLA's oneDNN thunk where they apply, XLA's own
     convolution for the rest."""
+    from diffax_lab.models import layers
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-    def conv(x, kernel, strides, pads, precision):
-        return _fwd(x, kernel, strides, pads, precision)[0]
+    def dx(g, kernel, x_shape, strides, pads):
+        if strides == (1, 1) and input_grad_pads(x_shape, g.shape, kernel.shape, pads):
+            return input_grad(g, kernel, x_shape, pads)
+        return None
 
-    def _fwd(x, kernel, strides, pads, precision):
-        if "f" in pieces:
-            y = forward(x, kernel, strides, pads)
-        else:
-            y = _lax_conv(x, kernel, strides, pads, precision)
-        return y, (x, kernel)
+    def dw(x, g, kernel_shape, strides, pads):
+        enough = kernel_shape[3] >= MIN_KERNEL_GRAD_FEATURES
+        if enough and kernel_grad_pads(x.shape, g.shape, kernel_shape, strides, pads):
+            return kernel_grad(x, g, kernel_shape, strides, pads)
+        return None
 
-    def _bwd(strides, pads, precision, res, g):
-        x, kernel = res
-        if (
-            "x" in pieces
-            and tuple(strides) == (1, 1)
-            and input_grad_pads(x.shape, g.shape, kernel.shape, pads) is not None
-        ):
-            dx = input_grad(g, kernel, x.shape, pads)
-        else:
-            dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, precision), x)[1](g)[0]
-        if (
-            "w" in pieces
-            and kernel.shape[3] >= MIN_KERNEL_GRAD_FEATURES
-            and kernel_grad_pads(x.shape, g.shape, kernel.shape, strides, pads) is not None
-        ):
-            dw = kernel_grad(x, g, kernel.shape, strides, pads)
-        else:
-            dw = jax.vjp(lambda k: _lax_conv(x, k, strides, pads, precision), kernel)[1](g)[0]
-        return dx, dw
-
-    conv.defvjp(_fwd, _bwd)
+    conv = layers.conv_from_pieces(
+        forward if "f" in pieces else None,
+        dx if "x" in pieces else None,
+        dw if "w" in pieces else None,
+    )
 
     def impl(x, kernel, strides, pads, precision):
         negative = any(int(p) < 0 for pair in pads for p in pair)  # cropping: not oneDNN's
         if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or negative:
-            return _lax_conv(x, kernel, strides, pads, precision)
+            return layers.xla_conv(x, kernel, strides, pads, precision)
         _check_usable()
-        strides = tuple(int(s) for s in strides)
-        pads = tuple(tuple(int(p) for p in pair) for pair in pads)
         return conv(x, kernel, strides, pads, precision)
 
     return impl
@@ -326,12 +303,13 @@ def piece_programs(spec) -> dict:
     spec of ``conv_cap.network_convs`` (NHWC, HWIO, 2-D), each compiled as the lab
     compiles its train step."""
     from diffax_lab import compilation
+    from diffax_lab.models.layers import xla_conv
 
     rng = np.random.default_rng(0)
     strides, pads = tuple(spec["window_strides"]), tuple(map(tuple, spec["padding"]))
     x = jnp.asarray(rng.normal(size=spec["lhs"]), jnp.float32)
     k = jnp.asarray(rng.normal(size=spec["rhs"]) * 0.1, jnp.float32)
-    y_shape = jax.eval_shape(lambda x, k: _lax_conv(x, k, strides, pads), x, k).shape
+    y_shape = jax.eval_shape(lambda x, k: xla_conv(x, k, strides, pads), x, k).shape
     g = jnp.asarray(rng.normal(size=y_shape), jnp.float32)
 
     def ours(fn, *args):  # as the lab compiles a train step (its CPU fusion options)
@@ -339,19 +317,19 @@ def piece_programs(spec) -> dict:
 
     progs = {
         "forward": (
-            ours(lambda x, k: _lax_conv(x, k, strides, pads), x, k),
+            ours(lambda x, k: xla_conv(x, k, strides, pads), x, k),
             ours(lambda x, k: forward(x, k, strides, pads), x, k),
             (x, k),
         ),
         "input_grad": (
-            ours(lambda g, k: jax.vjp(lambda x: _lax_conv(x, k, strides, pads), x)[1](g)[0], g, k),
+            ours(lambda g, k: jax.vjp(lambda x: xla_conv(x, k, strides, pads), x)[1](g)[0], g, k),
             ours(lambda g, k: input_grad(g, k, x.shape, pads), g, k)
             if strides == (1, 1) and input_grad_pads(x.shape, g.shape, k.shape, pads)
             else None,
             (g, k),
         ),
         "kernel_grad": (
-            ours(lambda x, g: jax.vjp(lambda k: _lax_conv(x, k, strides, pads), k)[1](g)[0], x, g),
+            ours(lambda x, g: jax.vjp(lambda k: xla_conv(x, k, strides, pads), k)[1](g)[0], x, g),
             ours(lambda x, g: kernel_grad(x, g, k.shape, strides, pads), x, g)
             if kernel_grad_pads(x.shape, g.shape, k.shape, strides, pads)
             else None,

@@ -79,3 +79,31 @@ def wait_for_metrics(workdir, proc, min_step=1, timeout=240):
         time.sleep(0.05)
     proc.kill()
     pytest.fail("no training step within the timeout")
+
+
+def conv_matches_nn_conv(kwargs: dict, impl: str) -> str:
+    """Checks that ``layers.Conv(impl=impl, **kwargs)`` has nn.Conv's parameters and gives
+    its outputs and gradients (parameters and input) on one input; returns the StableHLO
+    text of our side's jitted outputs and gradients, for checks of what it runs."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from diffax_lab.models.layers import Conv
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
+    ref, ours = nn.Conv(**kwargs), Conv(impl=impl, **kwargs)
+    params = ref.init(jax.random.PRNGKey(1), x)
+    ours_params = ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(params) == jax.tree.structure(ours_params)
+    jax.tree.map(np.testing.assert_array_equal, params, ours_params)
+
+    def outputs_and_grads(m):
+        loss = lambda p, x: (m.apply(p, x) ** 2).sum()  # noqa: E731
+        return jax.jit(lambda p, x: (m.apply(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))
+
+    (y_ref, g_ref), (y, g) = outputs_and_grads(ref)(params, x), outputs_and_grads(ours)(params, x)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ref, g)
+    return outputs_and_grads(ours).lower(params, x).as_text()

@@ -8,6 +8,7 @@ import pytest
 from benchmarks.flops import count_flops
 from diffax_lab.models import ddpm_cifar10_unet
 from diffax_lab.models.layers import AttentionBlock
+from tests.helpers import conv_matches_nn_conv
 
 
 def test_conv_and_matmul_counts():
@@ -334,27 +335,6 @@ def test_list_flags_refuse_unknown_choices_by_name():
         check_choices("modes", ["fp32", "fp8"], ("fp32", "bf16"))
 
 
-def _registered_conv_matches_nn_conv(impl: str, kwargs: dict) -> str:
-    """Checks that ``Conv(impl=impl, **kwargs)`` gives nn.Conv's outputs and gradients
-    (parameters and input) on one input; returns the jitted program's StableHLO text."""
-    import flax.linen as nn
-
-    from diffax_lab.models.layers import Conv
-
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
-    ref, ours = nn.Conv(**kwargs), Conv(impl=impl, **kwargs)
-    params = ref.init(jax.random.PRNGKey(1), x)
-
-    def outputs_and_grads(m):
-        loss = lambda p, x: (m.apply(p, x) ** 2).sum()  # noqa: E731
-        return jax.jit(lambda p, x: (m.apply(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))
-
-    (y_ref, g_ref), (y, g) = outputs_and_grads(ref)(params, x), outputs_and_grads(ours)(params, x)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ref, g)
-    return outputs_and_grads(ours).lower(params, x).as_text()
-
-
 @pytest.mark.parametrize("impl", ["onednn_dw", "onednn_all"])
 @pytest.mark.parametrize(
     "kwargs, custom_call",
@@ -373,7 +353,7 @@ def test_onednn_ffi_convolutions_compute_nn_convs_values_and_gradients(impl, kwa
     from benchmarks import onednn_ffi
 
     onednn_ffi.register_conv_impls()
-    text = _registered_conv_matches_nn_conv(impl, kwargs)
+    text = conv_matches_nn_conv(kwargs, impl)
     assert ("diffax_onednn_dw" in text) == custom_call
     assert ("diffax_onednn_fwd" in text) == (custom_call and impl == "onednn_all")
 
@@ -430,7 +410,7 @@ def test_xla_onednn_convolutions_compute_nn_convs_values_and_gradients(
     from benchmarks import xla_onednn
 
     xla_onednn.register_conv_impls()
-    text = _registered_conv_matches_nn_conv(impl, kwargs)
+    text = conv_matches_nn_conv(kwargs, impl)
     expected = len(pieces if impl == "xla_onednn_all" else pieces.replace("w", ""))
     # the forward runs twice: in the output and in the gradient's forward pass
     expected += "f" in pieces

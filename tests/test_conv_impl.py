@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from diffax_lab.models.layers import Conv
+from tests.helpers import conv_matches_nn_conv
 
 
 @pytest.mark.parametrize(
@@ -18,7 +19,7 @@ from diffax_lab.models.layers import Conv
     ],
 )
 def test_im2col_matches_nn_conv(kwargs):
-    _matches_nn_conv(kwargs, "im2col")
+    conv_matches_nn_conv(kwargs, "im2col")
 
 
 @pytest.mark.parametrize(
@@ -30,31 +31,7 @@ def test_im2col_matches_nn_conv(kwargs):
     ],
 )
 def test_lab_pointwise_dot_matches_nn_conv(kwargs):
-    _matches_nn_conv(kwargs, "lab")
-
-
-def _matches_nn_conv(kwargs, impl):
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
-    ref = nn.Conv(**kwargs)
-    ours = Conv(impl=impl, **kwargs)
-    params = ref.init(jax.random.PRNGKey(1), x)
-    ours_params = ours.init(jax.random.PRNGKey(1), x)
-    assert jax.tree.structure(params) == jax.tree.structure(ours_params)
-    jax.tree.map(np.testing.assert_array_equal, params, ours_params)
-
-    @jax.jit
-    def outputs_and_grads(params, x):
-        def both(m):
-            y = m.apply(params, x)
-            g = jax.grad(lambda p, x: (m.apply(p, x) ** 2).sum(), argnums=(0, 1))(params, x)
-            return y, g
-
-        return both(ref), both(ours)
-
-    (y_ref, g_ref), (y, g) = outputs_and_grads(params, x)
-    assert y.shape == y_ref.shape
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ref, g)
+    conv_matches_nn_conv(kwargs, "lab")
 
 
 def test_auto_uses_the_backend_table(monkeypatch):
@@ -111,12 +88,11 @@ def test_a_registered_impl_replaces_xlas_convolution_but_not_the_1x1_dot(monkeyp
 
     def mine(x, kernel, strides, pads, precision):
         calls.append((kernel.shape, strides, pads))
-        dn = ("NHWC", "HWIO", "NHWC")
-        return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)
+        return layers.xla_conv(x, kernel, strides, pads, precision)
 
     layers.register_conv_impl("mine", mine)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)), jnp.float32)
-    _matches_nn_conv(dict(features=4, kernel_size=(3, 3), strides=(2, 2)), "mine")
+    conv_matches_nn_conv(dict(features=4, kernel_size=(3, 3), strides=(2, 2)), "mine")
     assert ((3, 3, 3, 4), (2, 2), ((1, 1), (0, 1))) in calls  # SAME on 9 x 8, made explicit
     calls.clear()
     m = Conv(features=2, kernel_size=(1, 1), impl="mine")
@@ -126,3 +102,30 @@ def test_a_registered_impl_replaces_xlas_convolution_but_not_the_1x1_dot(monkeyp
         layers.register_conv_impl("lab", mine)
     with pytest.raises(ValueError, match="'mine'"):  # the error lists what is registered
         Conv(features=2, kernel_size=(3, 3), impl="winograd").init(jax.random.PRNGKey(0), x)
+
+
+def test_conv_from_pieces_runs_the_given_pieces_and_xlas_for_the_rest(monkeypatch):
+    """layers.conv_from_pieces: a forward and a kernel gradient of one's own (im2col here)
+    and an input gradient that declines (None, so XLA's runs) make nn.Conv's convolution,
+    values and gradients, each piece called."""
+    from diffax_lab.models import layers
+
+    monkeypatch.setattr(layers, "CONV_IMPLS", {})
+    ran = []
+
+    def forward(x, kernel, strides, pads):
+        ran.append("forward")
+        return layers._im2col_conv(x, kernel, strides, pads)
+
+    def input_grad(g, kernel, x_shape, strides, pads):
+        ran.append("input_grad")
+        return None
+
+    def kernel_grad(x, g, kernel_shape, strides, pads):
+        ran.append("kernel_grad")
+        k = jnp.zeros(kernel_shape, x.dtype)  # linear in the kernel: any point will do
+        return jax.vjp(lambda k: layers._im2col_conv(x, k, strides, pads), k)[1](g)[0]
+
+    layers.register_conv_impl("pieces", layers.conv_from_pieces(forward, input_grad, kernel_grad))
+    conv_matches_nn_conv(dict(features=4, kernel_size=(3, 3), strides=(2, 2)), "pieces")
+    assert set(ran) == {"forward", "input_grad", "kernel_grad"}

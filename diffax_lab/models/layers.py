@@ -91,8 +91,9 @@ CONV_IMPL_BY_BACKEND: dict[str, str] = {"cpu": "lab", "gpu": "xla", "tpu": "xla"
 
 # Convolution implementations beyond the built-in ones, by name, for ``Conv(impl=name)`` or
 # a ``CONV_IMPL_BY_BACKEND`` entry: ``fn(x, kernel, strides, pads, precision) -> y`` for an
-# NHWC x, HWIO kernel, 2-D strides and explicit (lo, hi) pads, no dilation, one group.
-# Like "lab", 1x1 convolutions stay one dot. benchmarks/onednn_ffi.py (PyTorch's oneDNN)
+# NHWC x, HWIO kernel, 2-D strides and explicit (lo, hi) pads, no dilation, one group
+# (``conv_from_pieces`` builds one from its training pieces). Like "lab", 1x1
+# convolutions stay one dot. benchmarks/onednn_ffi.py (PyTorch's oneDNN)
 # and benchmarks/xla_onednn.py (XLA:CPU's own oneDNN thunk) register oneDNN's convolutions
 # this way, without a change to the model code.
 CONV_IMPLS: dict[str, Callable] = {}
@@ -104,6 +105,54 @@ def register_conv_impl(name: str, fn: Callable) -> None:
     if name in _BUILTIN_CONV_IMPLS or name == "auto":
         raise ValueError(f"Conv impl {name!r} is built in; register another name.")
     CONV_IMPLS[name] = fn
+
+
+def xla_conv(x, kernel, strides, pads, precision=None):
+    """XLA's convolution of an NHWC ``x`` and HWIO ``kernel`` with explicit (lo, hi) pads."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+    )
+
+
+def conv_from_pieces(
+    forward: Callable | None = None,
+    input_grad: Callable | None = None,
+    kernel_grad: Callable | None = None,
+) -> Callable:
+    """A convolution (the ``CONV_IMPLS`` signature) whose training pieces are the given
+    functions: ``forward(x, kernel, strides, pads)``, ``input_grad(g, kernel, x_shape,
+    strides, pads)`` and ``kernel_grad(x, g, kernel_shape, strides, pads)``, joined by a
+    custom VJP. A piece that is None, or returns None for a convolution it does not take,
+    is XLA's (``xla_conv`` and its VJP) for that convolution."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+    def conv(x, kernel, strides, pads, precision):
+        return _fwd(x, kernel, strides, pads, precision)[0]
+
+    def _fwd(x, kernel, strides, pads, precision):
+        y = forward(x, kernel, strides, pads) if forward else None
+        if y is None:
+            y = xla_conv(x, kernel, strides, pads, precision)
+        return y, (x, kernel)
+
+    def _bwd(strides, pads, precision, res, g):
+        x, kernel = res
+        dx = input_grad(g, kernel, x.shape, strides, pads) if input_grad else None
+        if dx is None:
+            dx = jax.vjp(lambda x: xla_conv(x, kernel, strides, pads, precision), x)[1](g)[0]
+        dw = kernel_grad(x, g, kernel.shape, strides, pads) if kernel_grad else None
+        if dw is None:
+            dw = jax.vjp(lambda k: xla_conv(x, k, strides, pads, precision), kernel)[1](g)[0]
+        return dx, dw
+
+    conv.defvjp(_fwd, _bwd)
+
+    def impl(x, kernel, strides, pads, precision):
+        strides = tuple(int(s) for s in strides)
+        pads = tuple(tuple(int(p) for p in pair) for pair in pads)
+        return conv(x, kernel, strides, pads, precision)
+
+    return impl
 
 
 # Attention implementation per backend, read at trace time by ``dot_product_attention``.
